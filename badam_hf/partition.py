@@ -1,0 +1,242 @@
+"""Cut a model's parameters into BAdam blocks.
+
+The layer stack is found from the module structure (an `nn.ModuleList` of same-class layers), not from
+parameter names, so Llama/Mistral/Qwen2 (`model.layers.N`), GPT-2 (`transformer.h.N`) and BERT/RoBERTa
+(`encoder.layer.N`) all work, with any head on top. Everything registered before the stack along its
+chain of parents (token/position embeddings) is the *input side*; everything else outside the stack
+(final norm, LM head, task head) is the *output side*.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from .config import BAdamConfigError, PartitionConfig
+
+# Randomly initialised task heads that should keep training whatever block is active.
+TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
+_ATTENTION_CHILD = re.compile(r"attn|attention", re.IGNORECASE)
+
+
+@dataclass
+class Block:
+    name: str
+    param_names: list[str]
+
+
+@dataclass
+class LayerStack:
+    path: str  # module path of the ModuleList, e.g. "model.layers"
+    layers: list[nn.Module]
+
+
+@dataclass
+class Partition:
+    """The blocks of one model, plus what the optimizer needs to know about where they sit."""
+
+    blocks: list[Block]
+    always_active: list[str]  # parameter names trained in every block
+    stacks: list[LayerStack]
+    input_side: set[str] = field(default_factory=set)  # parameter names that run before the stack
+    layer_of: dict[str, int] = field(default_factory=dict)  # parameter name -> layer index in the stack
+
+    @property
+    def names(self) -> list[str]:
+        return [b.name for b in self.blocks]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def lowest_layer(self, param_names) -> int | None:
+        """Index of the lowest stack layer holding one of `param_names` (None: none is in the stack)."""
+        idx = [self.layer_of[n] for n in param_names if n in self.layer_of]
+        return min(idx) if idx else None
+
+
+def named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Parameters by name; a tied parameter appears once, under the first name it was registered with."""
+    return dict(model.named_parameters())
+
+
+def find_layer_stacks(model: nn.Module) -> list[LayerStack]:
+    """The repeated-layer stacks: ModuleLists of same-class modules holding parameters, not nested in one
+    another, and holding at least a tenth of the parameters of the largest such list (this skips small
+    lists such as a few adapters while keeping both stacks of an encoder-decoder)."""
+    candidates = []
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        kinds = {type(child) for child in module}
+        if len(kinds) != 1:
+            continue
+        numel = sum(p.numel() for p in module.parameters())
+        if numel == 0:
+            continue
+        candidates.append((path, module, numel))
+    outer = [c for c in candidates if not any(c[0].startswith(o[0] + ".") for o in candidates if o is not c)]
+    if not outer:
+        return []
+    largest = max(c[2] for c in outer)
+    return [LayerStack(path, list(module)) for path, module, numel in outer if numel * 10 >= largest]
+
+
+def _input_side_modules(model: nn.Module, stack_path: str) -> list[str]:
+    """Module paths registered before the stack at each level of its chain of parents."""
+    out = []
+    parts = stack_path.split(".")
+    module, prefix = model, ""
+    for part in parts:
+        for name, _child in module.named_children():
+            if name == part:
+                break
+            out.append(prefix + name)
+        module = getattr(module, part)
+        prefix = prefix + part + "."
+    return out
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _layer_blocks(stack: LayerStack, model: nn.Module, granularity: str, names_of: dict[int, str]) -> list[Block]:
+    blocks = []
+    for i, layer in enumerate(stack.layers):
+        lpath = f"{stack.path}.{i}"
+        own = [names_of[id(p)] for p in layer.parameters() if id(p) in names_of]
+        if granularity == "layer":
+            blocks.append(Block(lpath, own))
+        elif granularity == "attn_mlp":
+            attn = [c for c, _ in layer.named_children() if _ATTENTION_CHILD.search(c)]
+            attn_names = [n for n in own if any(_under(n, f"{lpath}.{c}") for c in attn)]
+            rest = [n for n in own if n not in set(attn_names)]
+            if attn_names:
+                blocks.append(Block(f"{lpath}.attn", attn_names))
+            if rest:
+                blocks.append(Block(f"{lpath}.mlp" if attn_names else lpath, rest))
+        else:  # matrix: each module owning a >=2-D weight (with its bias); leftover 1-D params per layer
+            taken: set[str] = set()
+            for mpath, mod in layer.named_modules():
+                direct = [(pn, p) for pn, p in mod.named_parameters(recurse=False) if id(p) in names_of]
+                if any(p.dim() >= 2 for _, p in direct):
+                    full = [names_of[id(p)] for _, p in direct]
+                    full = [n for n in full if n not in taken]
+                    if full:
+                        blocks.append(Block(f"{lpath}.{mpath}", full))
+                        taken.update(full)
+            rest = [n for n in own if n not in taken]
+            if rest:
+                blocks.append(Block(f"{lpath}.norms", rest))
+    return blocks
+
+
+def _match_entry(entry: str, names: list[str]) -> list[str]:
+    hits = [n for n in names if _under(n, entry)]
+    if hits:
+        return hits
+    try:
+        pattern = re.compile(entry)
+    except re.error as e:
+        raise BAdamConfigError(f"target module {entry!r} is neither a parameter prefix nor a valid regex: {e}.")
+    return [n for n in names if pattern.fullmatch(n)]
+
+
+def partition_model(model: nn.Module, config: PartitionConfig | None = None) -> Partition:
+    """Split `model`'s parameters into blocks according to `config` (see `PartitionConfig`)."""
+    config = config or PartitionConfig()
+    params = named_parameters(model)
+    names = list(params)
+    names_of = {id(p): n for n, p in params.items()}
+    stacks = find_layer_stacks(model)
+
+    layer_of: dict[str, int] = {}
+    input_side: set[str] = set()
+    if len(stacks) == 1:
+        stack = stacks[0]
+        for i, layer in enumerate(stack.layers):
+            for p in layer.parameters():
+                if id(p) in names_of:
+                    layer_of.setdefault(names_of[id(p)], i)
+        for mpath in _input_side_modules(model, stack.path):
+            input_side.update(n for n in names if _under(n, mpath))
+    in_stack = {n for s in stacks for n in names if _under(n, s.path)}
+
+    if config.target_modules is not None:
+        blocks = []
+        for entry in config.target_modules:
+            hits = _match_entry(entry, names)
+            if not hits:
+                sample = ", ".join(names[:3])
+                raise BAdamConfigError(
+                    f"target module {entry!r} matches no parameter; entries are parameter-name prefixes "
+                    f"(e.g. {sample}) or regular expressions matched against whole parameter names."
+                )
+            blocks.append(Block(entry, hits))
+    else:
+        if not stacks:
+            raise BAdamConfigError(
+                f"found no stack of repeated layers (an nn.ModuleList of same-class modules) in "
+                f"{type(model).__name__}; name the blocks yourself with optim_target_modules / target_modules, "
+                "e.g. ['encoder.blocks.0', 'encoder.blocks.1']."
+            )
+        blocks = [b for s in stacks for b in _layer_blocks(s, model, config.granularity, names_of)]
+        if config.include_embedding:
+            emb = [n for n in names if n in input_side]
+            if not emb:
+                raise BAdamConfigError("include_embedding=true but the model has no parameters before its layer stack.")
+            blocks.insert(0, Block("embedding", emb))
+
+    # Always-active modules: explicit prefixes, or the task head found by name.
+    if config.always_active is None:
+        always_prefixes = [
+            mpath for mpath, _ in model.named_modules()
+            if mpath.split(".")[-1] in TASK_HEAD_NAMES and not any(_under(mpath, s.path) for s in stacks)
+        ]
+        always_prefixes = [p for p in always_prefixes if not any(_under(p, q) and p != q for q in always_prefixes)]
+    else:
+        always_prefixes = config.always_active
+    always: list[str] = []
+    for prefix in always_prefixes:
+        hits = [n for n in names if _under(n, prefix)]
+        if not hits:
+            raise BAdamConfigError(f"always_active entry {prefix!r} matches no parameter of {type(model).__name__}.")
+        always.extend(h for h in hits if h not in always)
+
+    if config.target_modules is None and config.include_lm_head:
+        # Output side; a tied LM head lives under the input embedding's name, so claim it here unless the
+        # embedding block already has it.
+        head = [
+            n for n in names
+            if n not in in_stack and n not in always
+            and (n not in input_side or (not config.include_embedding and _is_output_embedding(model, params[n])))
+        ]
+        if not head:
+            raise BAdamConfigError("include_lm_head=true but the model has no parameters after its layer stack.")
+        blocks.append(Block("lm_head", head))
+
+    # A parameter may belong to one block only, and always-active parameters to none.
+    owner: dict[str, str] = {}
+    for b in blocks:
+        for n in b.param_names:
+            if n in owner:
+                raise BAdamConfigError(f"parameter {n!r} is in two blocks: {owner[n]!r} and {b.name!r}.")
+            owner[n] = b.name
+    clash = [n for n in always if n in owner]
+    if clash:
+        raise BAdamConfigError(
+            f"always_active parameter {clash[0]!r} is also in block {owner[clash[0]]!r}; a parameter is either "
+            "always active or in one block."
+        )
+    empty = [b.name for b in blocks if not b.param_names]
+    if empty:
+        raise BAdamConfigError(f"block(s) {empty} have no parameters.")
+    return Partition(blocks=blocks, always_active=always, stacks=stacks, input_side=input_side, layer_of=layer_of)
+
+
+def _is_output_embedding(model: nn.Module, param: nn.Parameter) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if callable(get) else None
+    return out is not None and any(p is param for p in out.parameters())

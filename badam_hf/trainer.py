@@ -1,0 +1,111 @@
+"""Trainer glue: `BAdamTrainer`, `make_badam_trainer(cls)` for any Trainer subclass, and `BAdamCallback`.
+
+The optimizer switches blocks itself inside `step()`, which the Trainer calls once per optimizer step
+(after gradient accumulation), so a switch can never fall inside an accumulation window. The active
+block is a pure function of the optimizer's step count; the callback keeps that count aligned with
+`state.global_step` when a run resumes without optimizer state, and adds the active block to the logs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import Trainer, TrainerCallback
+
+from .config import BAdamConfig
+from .optimizer import BlockOptimizer, check_model
+from .partition import partition_model
+from .schedule import BlockSchedule
+
+
+def unwrap_optimizer(optimizer) -> Any:
+    """The BlockOptimizer inside accelerate's AcceleratedOptimizer (or any `.optimizer` wrapper)."""
+    seen = 0
+    while optimizer is not None and not isinstance(optimizer, BlockOptimizer) and seen < 4:
+        optimizer = getattr(optimizer, "optimizer", None)
+        seen += 1
+    return optimizer if isinstance(optimizer, BlockOptimizer) else None
+
+
+def block_optimizer_from_args(
+    model, args, config: BAdamConfig | None = None, decay_parameter_names=None, partition=None
+) -> BlockOptimizer:
+    """Build a BlockOptimizer from `TrainingArguments` (lr, betas, eps, weight decay, optim_args)."""
+    if config is None:
+        config = BAdamConfig.from_optim_args(args.optim_args, args.optim_target_modules)
+    return BlockOptimizer(
+        model,
+        config,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+        decay_parameter_names=decay_parameter_names,
+        partition=partition,
+    )
+
+
+class BAdamCallback(TrainerCallback):
+    """Aligns the block schedule with the Trainer's step count and logs the active block."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        opt = unwrap_optimizer(optimizer)
+        if opt is not None and opt.global_step != state.global_step:
+            # Resumed without the optimizer's own state: the block still follows from the step count.
+            opt.seek(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        opt = unwrap_optimizer(optimizer)
+        if opt is None or logs is None:
+            return
+        extra = {"badam/active_block": opt.active_block, "badam/active_block_name": opt.active_block_name}
+        logs.update(extra)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(extra)
+
+
+def ensure_badam_callback(trainer: Trainer) -> None:
+    """Add the callback once, first in line, so printers and reporters see the keys it adds to the logs."""
+    callbacks = trainer.callback_handler.callbacks
+    if not any(isinstance(cb, BAdamCallback) for cb in callbacks):
+        callbacks.insert(0, BAdamCallback())
+
+
+class BAdamMixin:
+    """Makes a Trainer (sub)class train with BAdam. Settings come from `badam_config=` or from
+    `args.optim_args` / `args.optim_target_modules`, and are checked against the model at construction."""
+
+    def __init__(self, *args, badam_config: BAdamConfig | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if badam_config is None:
+            badam_config = BAdamConfig.from_optim_args(self.args.optim_args, self.args.optim_target_modules)
+        self.badam_config = badam_config
+        # Fail now, before any data is touched by train(): bad model, bad partition, bad start block.
+        check_model(self.model)
+        self._badam_partition = (self.model, partition_model(self.model, badam_config.partition))
+        BlockSchedule(len(self._badam_partition[1]), badam_config.schedule)
+        ensure_badam_callback(self)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            cached_model, partition = self._badam_partition
+            self.optimizer = block_optimizer_from_args(
+                opt_model,
+                self.args,
+                self.badam_config,
+                decay_parameter_names=self.get_decay_parameter_names(opt_model),
+                partition=partition if cached_model is opt_model else None,
+            )
+        return self.optimizer
+
+
+def make_badam_trainer(trainer_cls: type[Trainer]) -> type[Trainer]:
+    """`make_badam_trainer(SFTTrainer)` -> a subclass that trains with BAdam."""
+    if issubclass(trainer_cls, BAdamMixin):
+        return trainer_cls
+    return type(f"BAdam{trainer_cls.__name__}", (BAdamMixin, trainer_cls), {"__module__": __name__})
+
+
+class BAdamTrainer(BAdamMixin, Trainer):
+    """`transformers.Trainer` that trains with BAdam: a drop-in replacement in existing scripts."""
