@@ -1,0 +1,54 @@
+"""`badam-hf estimate`: parameter counts from configs on the meta device, and the paper's Table 2."""
+
+import json
+
+import pytest
+
+from badam_hf.cli import main
+from badam_hf.memory import GB, estimate
+
+# Table 2 of the paper (Llama 3-8B, GB): parameters / gradient / optimizer states.
+PAPER = {"BAdam": (16.1, 0.9, 2.6), "Adam (mixed precision)": (16.1, 32.1, 96.6)}
+
+
+def test_table2_llama3_8b_within_5_percent():
+    info, rows = estimate("llama3-8b", batch=2, seq=728)
+    assert info["blocks"] == 32
+    by_name = {r.method: r for r in rows}
+    for method, expected in PAPER.items():
+        r = by_name[method]
+        for got, want in zip((r.weights, r.gradients, r.optimizer_states), expected):
+            assert abs(got / GB - want) <= 0.05 * want, (method, got / GB, want)
+
+
+def test_per_gpu_sharding_and_granularity():
+    _, one = estimate("llama2-7b")
+    _, four = estimate("llama2-7b", gpus=4)
+    assert four[0].optimizer_states == pytest.approx(one[0].optimizer_states / 4)
+    info_layer, _ = estimate("llama2-7b")
+    info_am, rows_am = estimate("llama2-7b", granularity="attn_mlp")
+    assert info_am["blocks"] == 2 * info_layer["blocks"]
+    assert info_am["largest_block"] < info_layer["largest_block"]
+
+
+def test_local_config_json(tmp_path, capsys):
+    cfg = {"model_type": "llama", "vocab_size": 1000, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["estimate", str(path), "--seq", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "D=3 blocks" in out and "| BAdam |" in out
+    # 2 embeddings of 1000x64 + 3 layers + final norm
+    layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64  # q,o + k,v (2 kv heads of 16) + mlp + norms
+    info, _ = estimate(str(path))
+    assert info["parameters"] == 2 * 1000 * 64 + 3 * layer + 64
+
+
+def test_unknown_model_is_a_clear_error(tmp_path, capsys):
+    missing = tmp_path / "nope.json"
+    missing.write_text(json.dumps({"model_type": "not-a-model"}))
+    with pytest.raises(ValueError, match="not-a-model"):
+        estimate(str(missing))
+    assert main(["estimate", str(missing)]) == 2
+    assert "not-a-model" in capsys.readouterr().err
