@@ -75,6 +75,11 @@ class PartitionConfig:
         for name in ("include_embedding", "include_lm_head"):
             if not isinstance(getattr(self, name), bool):
                 raise BAdamConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.target_modules is not None and (self.include_embedding or self.include_lm_head):
+            raise BAdamConfigError(
+                "include_embedding/include_lm_head do not combine with target_modules: with explicit blocks, "
+                "name the embedding or head as a block of its own in target_modules."
+            )
 
 
 @dataclass
@@ -194,7 +199,9 @@ class BAdamConfig:
                 raise BAdamConfigError(
                     "target_modules is given twice: in optim_args and in optim_target_modules; keep one."
                 )
-            values["target_modules"] = target_modules
+            # Already a list, or HF's plain string: split that on commas, not on LIST_SEPARATOR ("+" is
+            # common in regexes such as `layers\.\d+`).
+            values["target_modules"] = _as_list(target_modules)
         return cls.from_flat(values, source="optim_args")
 
 

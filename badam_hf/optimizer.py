@@ -311,14 +311,16 @@ class BlockOptimizer(torch.optim.Optimizer):
                 f"the checkpoint's active block {badam['block']} does not follow from its step {step} under this "
                 "run's schedule; resume with the same start_block and switch settings."
             )
+        # Validate everything before changing anything, so a refused load leaves the optimizer as it was.
+        will_train = set(self.partition.blocks[block].param_names) | set(self.partition.always_active)
+        stray = [i for i in state_dict["state"] if self._names[int(i)] not in will_train]
+        if stray:
+            raise ValueError(f"the checkpoint has optimizer state for inactive parameter {self._names[int(stray[0])]!r}.")
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.seek(step)
 
         saved_state = state_dict["state"]
-        unknown = [i for i in saved_state if self._names[int(i)] not in set(self._trainable)]
-        if unknown:
-            raise ValueError(f"the checkpoint has optimizer state for inactive parameter {self._names[int(unknown[0])]!r}.")
         with torch.no_grad():
             for i, entry in saved_state.items():
                 name = self._names[int(i)]

@@ -19,6 +19,7 @@ from .config import BAdamConfigError, PartitionConfig
 # Randomly initialised task heads that should keep training whatever block is active.
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
 _ATTENTION_CHILD = re.compile(r"attn|attention", re.IGNORECASE)
+_NORM_CHILD = re.compile(r"norm", re.IGNORECASE)
 
 
 @dataclass
@@ -110,7 +111,8 @@ def _layer_blocks(stack: LayerStack, model: nn.Module, granularity: str, names_o
         if granularity == "layer":
             blocks.append(Block(lpath, own))
         elif granularity == "attn_mlp":
-            attn = [c for c, _ in layer.named_children() if _ATTENTION_CHILD.search(c)]
+            # Skip norms named after attention (Llama's `post_attention_layernorm` is the MLP's pre-norm).
+            attn = [c for c, _ in layer.named_children() if _ATTENTION_CHILD.search(c) and not _NORM_CHILD.search(c)]
             attn_names = [n for n in own if any(_under(n, f"{lpath}.{c}") for c in attn)]
             rest = [n for n in own if n not in set(attn_names)]
             if attn_names:
@@ -199,8 +201,12 @@ def partition_model(model: nn.Module, config: PartitionConfig | None = None) -> 
     else:
         always_prefixes = config.always_active
     always: list[str] = []
+    # A head picked by default yields to blocks the user named explicitly (target_modules=[..., "classifier"]).
+    in_blocks = {n for b in blocks for n in b.param_names} if config.always_active is None else set()
     for prefix in always_prefixes:
-        hits = [n for n in names if _under(n, prefix)]
+        hits = [n for n in names if _under(n, prefix) and n not in in_blocks]
+        if not hits and config.always_active is None:
+            continue
         if not hits:
             raise BAdamConfigError(f"always_active entry {prefix!r} matches no parameter of {type(model).__name__}.")
         always.extend(h for h in hits if h not in always)

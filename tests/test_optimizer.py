@@ -1,0 +1,628 @@
+"""BlockOptimizer core: which parameters move, the block schedule, state freeing, weight decay, equality
+with plain AdamW on the active block, LR schedulers, gradient accumulation, checkpoints and guards.
+
+Plain PyTorch loops on tiny models built from configs (no downloads)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+from badam_hf.config import BAdamConfigError
+from badam_hf.optimizer import BlockOptimizer
+
+VOCAB = 64
+
+
+# --- tiny models and data ---------------------------------------------------------------------------
+
+
+def tiny_llama(layers: int = 4, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def tiny_qwen2(layers: int = 4, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return Qwen2ForCausalLM(cfg).to(dtype)
+
+
+def tiny_gpt2(layers: int = 4, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    return GPT2LMHeadModel(cfg).to(dtype)
+
+
+BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
+LAYER_PREFIX = {"llama": "model.layers.", "qwen2": "model.layers.", "gpt2": "transformer.h."}
+
+
+def batch(seed: int, bs: int = 2, seq: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1000 + seed)
+    return torch.randint(0, VOCAB, (bs, seq), generator=g)
+
+
+def train_step(model, opt, ids):
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def active_names(opt) -> set[str]:
+    return set(opt.partition.blocks[opt.active_block].param_names) | set(opt.partition.always_active)
+
+
+def block_param_names(model, prefix: str) -> list[str]:
+    return [n for n, _ in model.named_parameters() if n.startswith(prefix)]
+
+
+def fake_grads(opt, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+
+
+# --- only the active block moves ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch,extra",
+    [
+        ("llama", {}),
+        ("qwen2", {}),
+        ("gpt2", {}),
+        ("llama", {"include_embedding": True, "include_lm_head": True}),
+        ("gpt2", {"include_embedding": True, "include_lm_head": True}),
+    ],
+)
+def test_only_active_block_changes(arch, extra):
+    model = BUILDERS[arch]()
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="ascending", **extra)
+    expected_blocks = 4 + len(extra)
+    assert opt.num_blocks == expected_blocks
+    seen = []
+    for step in range(2 * expected_blocks + 2):
+        active = active_names(opt)
+        seen.append(opt.active_block)
+        for n, p in model.named_parameters():
+            assert p.requires_grad == (n in active), (step, n)
+        before = snapshot(model)
+        ids = batch(step)
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        for n, p in model.named_parameters():
+            assert (p.grad is not None) == (n in active), (step, n)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            if n in active:
+                assert not torch.equal(p, before[n]), f"step {step}: active {n} did not change"
+            else:
+                assert torch.equal(p, before[n]), f"step {step}: inactive {n} changed"
+    # The walk visited every block, so every parameter was checked both active and inactive.
+    assert sorted(set(seen)) == list(range(expected_blocks))
+
+
+def test_layer_blocks_cover_expected_names():
+    model = tiny_llama()
+    opt = BlockOptimizer(model, switch_every=1, switch_mode="ascending")
+    for i, block in enumerate(opt.partition.blocks):
+        assert block.param_names == block_param_names(model, f"model.layers.{i}.")
+    assert opt.partition.always_active == []
+
+
+# --- every block gets exactly K steps ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["ascending", "random", "descending"])
+def test_every_block_gets_exactly_k_steps(mode):
+    model = tiny_llama()
+    D, K = 4, 3
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=K, switch_mode=mode, seed=5)
+    assert opt.num_blocks == D
+    visits, in_block = [], []
+    for t in range(D * K * 2):
+        visits.append(opt.active_block)
+        in_block.append(opt.steps_in_block)
+        assert opt.global_step == t
+        fake_grads(opt, t)
+        opt.step()
+        opt.zero_grad()
+    assert in_block == [t % K for t in range(D * K * 2)]
+    runs = [visits[i : i + K] for i in range(0, len(visits), K)]
+    for r in runs:
+        assert len(set(r)) == 1, f"a block switched inside its K steps: {visits}"
+    order = [r[0] for r in runs]
+    for epoch in range(2):
+        assert sorted(order[epoch * D : (epoch + 1) * D]) == list(range(D)), order
+    if mode == "ascending":
+        assert order == [0, 1, 2, 3, 0, 1, 2, 3]
+    if mode == "descending":
+        assert order == [3, 2, 1, 0, 3, 2, 1, 0]
+    assert all(visits.count(b) == 2 * K for b in range(D))
+
+
+def test_random_order_is_reproducible_and_respects_start_block():
+    orders = []
+    for _ in range(2):
+        opt = BlockOptimizer(tiny_llama(), switch_every=1, switch_mode="random", seed=11, start_block=2)
+        seq = []
+        for t in range(8):
+            seq.append(opt.active_block)
+            fake_grads(opt, t)
+            opt.step()
+        orders.append(seq)
+    assert orders[0] == orders[1]
+    assert orders[0][0] == 2
+
+
+# --- switching frees state; memory of the active block only ------------------------------------------
+
+
+def _tensor_bytes(ts) -> int:
+    return sum(t.numel() * t.element_size() for t in ts)
+
+
+def test_switch_frees_previous_block_state_bf16():
+    model = tiny_llama(dtype=torch.bfloat16)
+    K = 2
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=K, switch_mode="ascending")
+    params = dict(model.named_parameters())
+    names0 = block_param_names(model, "model.layers.0.")
+    names1 = block_param_names(model, "model.layers.1.")
+
+    # Block 0 trains; masters exist for its parameters only, and are fp32 copies.
+    assert set(opt._masters) == set(names0)
+    train_step(model, opt, batch(0))
+    assert opt.active_block == 0
+    master_ref = weakref.ref(opt._masters[names0[0]])
+    moment_ref = weakref.ref(opt.inner.state[opt._masters[names0[0]]]["exp_avg"])
+    assert master_ref() is not None and moment_ref() is not None
+
+    train_step(model, opt, batch(1))  # K-th step: switches to block 1 inside step()
+    assert opt.active_block == 1
+    gc.collect()
+    assert master_ref() is None, "the previous block's fp32 master is still alive after the switch"
+    assert moment_ref() is None, "the previous block's Adam moment is still alive after the switch"
+    assert set(opt._masters) == set(names1)
+    assert len(opt.inner.state) == 0  # nothing for block 1 until it steps
+
+    train_step(model, opt, batch(2))
+    masters = [opt._masters[n] for n in names1]
+    assert {id(k) for k in opt.inner.state} == {id(m) for m in masters}
+    assert all(m.dtype == torch.float32 for m in masters)
+    assert all(params[n].dtype == torch.bfloat16 for n in params)
+
+    numel = sum(params[n].numel() for n in names1)  # from the model, independently of the optimizer
+    master_bytes = _tensor_bytes(opt._masters.values())
+    moments = [v for st in opt.inner.state.values() for k, v in st.items() if k != "step"]
+    steps = [st["step"] for st in opt.inner.state.values()]
+    assert master_bytes == 4 * numel
+    assert _tensor_bytes(moments) == 2 * 4 * numel
+    assert len(steps) == len(names1) and all(s.numel() == 1 for s in steps)
+    mem = opt.memory_bytes()
+    assert mem["masters"] == 4 * numel
+    assert mem["optimizer_state"] == 2 * 4 * numel + _tensor_bytes(steps)
+    assert mem["grads"] == 0  # zero_grad(set_to_none) ran
+
+
+def test_fp32_weights_have_no_masters():
+    model = tiny_llama()
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="ascending")
+    params = dict(model.named_parameters())
+    for t in range(3):
+        train_step(model, opt, batch(t))
+    assert opt._masters == {}
+    names1 = block_param_names(model, "model.layers.1.")
+    assert {id(k) for k in opt.inner.state} == {id(params[n]) for n in names1}
+    numel = sum(params[n].numel() for n in names1)
+    mem = opt.memory_bytes()
+    assert mem["masters"] == 0
+    steps = [st["step"] for st in opt.inner.state.values()]
+    assert mem["optimizer_state"] == 2 * 4 * numel + _tensor_bytes(steps)
+
+
+# --- weight decay groups -----------------------------------------------------------------------------
+
+
+def _independent_decay_rule(name: str) -> bool:
+    # Llama/Qwen2 spelling of HF's rule: no decay for biases and norm weights.
+    return not name.endswith(".bias") and "norm" not in name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decay_groups_follow_hf_rule(arch, dtype):
+    from transformers import Trainer
+
+    model = BUILDERS[arch](dtype=dtype)
+    hf_decay = set(Trainer.get_decay_parameter_names(None, model))
+    if arch != "gpt2":
+        assert hf_decay == {n for n, _ in model.named_parameters() if _independent_decay_rule(n)}
+    else:  # GPT-2 norms are nn.LayerNorm modules named ln_*; HF's rule catches them by type
+        assert not any(".ln_" in n or n.endswith(".bias") for n in hf_decay)
+    if arch == "qwen2":
+        assert any(n.endswith("q_proj.bias") for n, _ in model.named_parameters())
+    opt = BlockOptimizer(model, lr=1e-3, weight_decay=0.1, switch_every=1, switch_mode="ascending")
+    params = dict(model.named_parameters())
+    for t in range(opt.num_blocks):
+        active = [n for n in params if n in active_names(opt)]
+        decay = [n for n in active if n in hf_decay]
+        no_decay = [n for n in active if n not in hf_decay]
+        assert decay and no_decay
+        assert [id(p) for p in opt.param_groups[0]["params"]] == [id(params[n]) for n in decay]
+        assert [id(p) for p in opt.param_groups[1]["params"]] == [id(params[n]) for n in no_decay]
+        targets = [opt._masters[n] if dtype != torch.float32 else params[n] for n in decay]
+        assert [id(p) for p in opt.inner.param_groups[0]["params"]] == [id(t_) for t_ in targets]
+        assert len(opt.inner.param_groups[1]["params"]) == len(no_decay)
+        assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+        fake_grads(opt, t)
+        opt.step()
+        assert opt.inner.param_groups[0]["weight_decay"] == 0.1
+        assert opt.inner.param_groups[1]["weight_decay"] == 0.0
+        opt.zero_grad()
+
+
+@pytest.mark.parametrize("wd", [0.1, 0.0])
+def test_weight_decay_value_is_the_users(wd):
+    """With a zero gradient AdamW's update is pure decay: p * (1 - lr*wd) on the decay group, nothing on
+    the no-decay group. wd=0.0 must leave everything untouched (AdamW's default 0.01 must not leak in)."""
+    model = tiny_llama()
+    lr = 1e-2
+    opt = BlockOptimizer(model, lr=lr, weight_decay=wd, switch_every=3, switch_mode="ascending")
+    before = snapshot(model)
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = torch.zeros_like(p)
+    opt.step()
+    decay = {id(p) for p in opt.param_groups[0]["params"]}
+    for n, p in model.named_parameters():
+        if id(p) in decay:
+            expected = before[n] * (1 - lr * wd)
+            assert torch.equal(p, expected), n
+            if wd > 0:
+                assert not torch.equal(p, before[n])
+        else:
+            assert torch.equal(p, before[n]), n
+
+
+# --- equality with plain AdamW on the active block ---------------------------------------------------
+
+
+def _assert_same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    if not torch.equal(a, b):
+        diff = (a - b).abs().max().item()
+        assert diff <= 1e-7, f"{what}: max diff {diff}"
+
+
+@pytest.mark.parametrize("start", [0, 2])
+def test_matches_plain_adamw_on_active_block_fp32(start):
+    K, lr, wd = 3, 1e-3, 0.1
+    model = tiny_llama()
+    ref = tiny_llama()
+    ref.load_state_dict(model.state_dict())
+    opt = BlockOptimizer(
+        model, lr=lr, weight_decay=wd, betas=(0.9, 0.95), eps=1e-6,
+        switch_every=K, switch_mode="ascending", start_block=start,
+    )
+    from transformers import Trainer
+
+    decay = set(Trainer.get_decay_parameter_names(None, ref))
+    ref_params = dict(ref.named_parameters())
+    step = 0
+    for block in (start, (start + 1) % 4):
+        names = block_param_names(ref, f"model.layers.{block}.")
+        for n, p in ref_params.items():
+            p.requires_grad_(n in names)
+        # A fresh AdamW per block: BAdam restarts the moments at each switch.
+        ref_opt = torch.optim.AdamW(
+            [
+                {"params": [ref_params[n] for n in names if n in decay], "weight_decay": wd},
+                {"params": [ref_params[n] for n in names if n not in decay], "weight_decay": 0.0},
+            ],
+            lr=lr, betas=(0.9, 0.95), eps=1e-6,
+        )
+        for _ in range(K):
+            assert opt.active_block == block
+            ids = batch(step)
+            train_step(model, opt, ids)
+            train_step(ref, ref_opt, ids)
+            for n, p in model.named_parameters():
+                _assert_same(p, ref_params[n], f"step {step} {n}")
+            step += 1
+
+
+# --- LR schedules ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("factory", [get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup])
+@pytest.mark.parametrize("inner", ["adamw", "sgd"])
+def test_lr_schedule_matches_plain_optimizer(factory, inner):
+    N, K, lr = 14, 3, 1e-2
+    model = tiny_llama()
+    plain_model = tiny_llama()
+    kwargs = {"inner_kwargs": {"momentum": 0.0}} if inner == "sgd" else {}
+    opt = BlockOptimizer(model, lr=lr, switch_every=K, switch_mode="ascending", inner_optimizer=inner, **kwargs)
+    plain = (torch.optim.SGD if inner == "sgd" else torch.optim.AdamW)(plain_model.parameters(), lr=lr)
+    sched = factory(opt, num_warmup_steps=3, num_training_steps=N)
+    plain_sched = factory(plain, num_warmup_steps=3, num_training_steps=N)
+    lrs = []
+    for t in range(N):
+        want = plain.param_groups[0]["lr"]
+        assert [g["lr"] for g in opt.param_groups] == [want, want]
+        stepped = [p for g in opt.param_groups for p in g["params"]]  # the groups change at a switch
+        before = [p.detach().clone() for p in stepped]
+        fake_grads(opt, t)
+        grads = [p.grad.clone() for p in stepped]
+        for p in plain_model.parameters():
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        plain.step()
+        # The inner optimizer ran with the scheduled lr ...
+        assert [g["lr"] for g in opt.inner.param_groups] == [want, want]
+        if inner == "sgd":  # ... and the update shows it: p - lr_t * g exactly
+            for p, p0, g in zip(stepped, before, grads):
+                assert torch.equal(p, p0.add(g, alpha=-want))
+        opt.zero_grad()
+        sched.step()
+        plain_sched.step()
+        assert sched.get_last_lr() == [plain_sched.get_last_lr()[0]] * 2
+        lrs.append(want)
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(lr) and len(set(lrs)) > 5
+    assert opt.global_step == N and opt.active_block == (N // K) % 4
+
+
+# --- gradient accumulation ---------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_equals_big_batch():
+    GA, lr = 4, 1e-3
+    big_model, acc_model = tiny_llama(), tiny_llama()
+    # eps=1e-6: with the default 1e-8 a few gradient entries of the tiny model sit near eps, where Adam's
+    # g / (|g| + eps) magnifies the summation-order difference of the two computations far beyond 1e-6.
+    big = BlockOptimizer(big_model, lr=lr, eps=1e-6, switch_every=2, switch_mode="ascending")
+    acc = BlockOptimizer(acc_model, lr=lr, eps=1e-6, switch_every=2, switch_mode="ascending")
+    for step in range(3):  # crosses one switch
+        ids = batch(step, bs=GA, seq=8)  # equal-length sequences: no padding
+        big_model(input_ids=ids, labels=ids).loss.backward()
+        for i in range(GA):
+            one = ids[i : i + 1]
+            (acc_model(input_ids=one, labels=one).loss / GA).backward()
+        for (n, p), q in zip(big_model.named_parameters(), acc_model.parameters()):
+            assert (p.grad is None) == (q.grad is None), n
+            if p.grad is not None:
+                assert torch.allclose(p.grad, q.grad, atol=1e-6, rtol=0), n
+        big.step()
+        acc.step()
+        big.zero_grad()
+        acc.zero_grad()
+        for (n, p), q in zip(big_model.named_parameters(), acc_model.parameters()):
+            assert torch.allclose(p, q, atol=1e-6, rtol=0), (step, n)
+    assert big.active_block == acc.active_block == 1
+
+
+# --- state_dict round trip ---------------------------------------------------------------------------
+
+
+def _resume_pair(tmp_path, mode="random", seed=7, K=3, warm=4):
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-2, weight_decay=0.1, switch_every=K, switch_mode=mode, seed=seed)
+    for t in range(warm):
+        train_step(model, opt, batch(t))
+    sd = opt.state_dict()
+    path = tmp_path / "optim.pt"
+    torch.save(sd, path)
+    return model, opt, sd, path
+
+
+def test_state_dict_round_trip_is_exact_bf16(tmp_path):
+    K = 3
+    model, opt, sd, path = _resume_pair(tmp_path, K=K, warm=4)
+    assert opt.steps_in_block == 1  # mid-block
+    badam = sd["badam"]
+    assert badam["block"] == opt.active_block and badam["steps_in_block"] == 1 and badam["step"] == 4
+    assert badam["seed"] == 7 and badam["switch_every"] == K and badam["switch_mode"] == "random"
+    assert sorted(badam["order"]) == list(range(4)) and badam["order"][1] == opt.active_block
+    active = block_param_names(model, f"model.layers.{opt.active_block}.")
+    names = [n for n, _ in model.named_parameters()]
+    assert sorted(names[int(i)] for i in sd["state"]) == sorted(active)
+    for entry in sd["state"].values():
+        assert entry["master"].dtype == torch.float32
+        assert {"exp_avg", "exp_avg_sq", "step"} <= set(entry)
+
+    # A fresh model (same weights) and a fresh optimizer, loaded from disk.
+    model2 = tiny_llama(dtype=torch.bfloat16, seed=123)
+    model2.load_state_dict(model.state_dict())
+    opt2 = BlockOptimizer(model2, lr=1e-2, weight_decay=0.1, switch_every=K, switch_mode="random", seed=7)
+    loaded = torch.load(path, weights_only=True)
+    opt2.load_state_dict(loaded)
+    assert (opt2.global_step, opt2.active_block, opt2.steps_in_block) == (4, opt.active_block, 1)
+    for n in active:
+        assert torch.equal(opt2._masters[n], opt._masters[n])
+    for n, p in model2.named_parameters():
+        assert p.requires_grad == (n in set(active)), n
+
+    blocks_seen = {opt.active_block}
+    for t in range(4, 4 + 2 * K + 1):  # continue across at least two switches
+        train_step(model, opt, batch(t))
+        train_step(model2, opt2, batch(t))
+        assert opt2.active_block == opt.active_block
+        blocks_seen.add(opt.active_block)
+        for (n, p), q in zip(model.named_parameters(), model2.parameters()):
+            assert torch.equal(p, q), (t, n)
+    assert len(blocks_seen) >= 3
+
+
+def test_state_dict_without_master_restore_would_differ(tmp_path):
+    """Sanity of the round-trip test: bf16 rounding makes the fp32 masters matter."""
+    model, opt, sd, _ = _resume_pair(tmp_path, warm=4)
+    master_vals = [e["master"] for e in sd["state"].values()]
+    names = [n for n, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
+    rounded = [params[names[int(i)]].float() for i in sd["state"]]
+    assert any(not torch.equal(m, r) for m, r in zip(master_vals, rounded))
+
+
+def test_load_state_dict_errors(tmp_path):
+    model, opt, sd, _ = _resume_pair(tmp_path, mode="random", seed=7, K=3, warm=2)
+
+    fresh = tiny_llama(dtype=torch.bfloat16)
+    other = BlockOptimizer(fresh, switch_every=3, switch_mode="random", seed=7)
+    plain = torch.optim.AdamW(tiny_llama().parameters()).state_dict()
+    with pytest.raises(ValueError, match="no 'badam' entry"):
+        other.load_state_dict(plain)
+
+    shallow = BlockOptimizer(tiny_llama(layers=3, dtype=torch.bfloat16), switch_every=3, switch_mode="random", seed=7)
+    with pytest.raises(ValueError, match=r"blocks \(4.*differ.*\(3"):
+        shallow.load_state_dict(sd)
+
+    for kwargs, key in (
+        ({"switch_every": 5, "switch_mode": "random", "seed": 7}, "switch_every"),
+        ({"switch_every": 3, "switch_mode": "ascending", "seed": 7}, "switch_mode"),
+        ({"switch_every": 3, "switch_mode": "random", "seed": 8}, "seed"),
+    ):
+        mismatched = BlockOptimizer(tiny_llama(dtype=torch.bfloat16), **kwargs)
+        with pytest.raises(ValueError, match=rf"saved with {key}="):
+            mismatched.load_state_dict(sd)
+
+
+# --- inner optimizer choice --------------------------------------------------------------------------
+
+
+def test_inner_sgd_is_plain_gradient_step():
+    lr = 0.05
+    model = tiny_llama()
+    opt = BlockOptimizer(model, lr=lr, inner_optimizer="sgd", inner_kwargs={"momentum": 0.0},
+                         switch_every=2, switch_mode="ascending")
+    assert isinstance(opt.inner, torch.optim.SGD)
+    for t in range(3):
+        active = active_names(opt)
+        before = snapshot(model)
+        ids = batch(t)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        assert set(grads) == active
+        opt.step()
+        opt.zero_grad()
+        for n, p in model.named_parameters():
+            if n in active:
+                assert torch.equal(p, before[n].add(grads[n], alpha=-lr)), n
+            else:
+                assert torch.equal(p, before[n]), n
+
+
+def test_inner_optimizer_dotted_path():
+    model = tiny_llama()
+    opt = BlockOptimizer(model, lr=0.1, inner_optimizer="torch.optim.Adagrad", switch_every=2,
+                         switch_mode="ascending")
+    assert type(opt.inner) is torch.optim.Adagrad
+    for t in range(3):
+        active = active_names(opt)
+        before = snapshot(model)
+        train_step(model, opt, batch(t))
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]) == (n not in active), n
+    assert opt.active_block == 1
+    assert all("sum" in st for st in opt.inner.state.values()) and len(opt.inner.state) > 0
+
+
+def test_unknown_inner_optimizer_is_refused():
+    with pytest.raises(BAdamConfigError, match="inner_optimizer"):
+        BlockOptimizer(tiny_llama(), inner_optimizer="torch.optim.NoSuchThing")
+
+
+# --- guards ------------------------------------------------------------------------------------------
+
+
+def test_no_train_or_eval_methods():
+    opt = BlockOptimizer(tiny_llama())
+    assert not hasattr(opt, "train")
+    assert not hasattr(opt, "eval")
+
+
+def test_peft_model_is_refused():
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=2))
+    with pytest.raises(BAdamConfigError, match="PEFT"):
+        BlockOptimizer(peft_model)
+
+
+def test_more_than_one_process_is_refused(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = tiny_llama()
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(RuntimeError, match=r"2 processes"):
+        BlockOptimizer(model)
+    assert [p.requires_grad for p in model.parameters()] == flags  # refused before touching the model
+
+
+def test_config_and_flat_kwargs_together_are_refused():
+    from badam_hf.config import BAdamConfig
+
+    with pytest.raises(BAdamConfigError, match="not both"):
+        BlockOptimizer(tiny_llama(), BAdamConfig(), switch_every=3)
+
+
+# --- always-active task head ------------------------------------------------------------------------
+
+
+def test_always_active_head_keeps_master_and_moments_across_switches():
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, num_labels=3, pad_token_id=0,
+    )
+    model = LlamaForSequenceClassification(cfg).to(torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=2, switch_mode="ascending")
+    assert opt.partition.always_active == ["score.weight"]
+    head = dict(model.named_parameters())["score.weight"]
+    master = opt._masters["score.weight"]
+    labels = torch.tensor([0, 2])
+    for t in range(5):  # two switches
+        block = opt.active_block
+        assert head.requires_grad
+        assert set(opt._masters) == set(block_param_names(model, f"model.layers.{block}.")) | {"score.weight"}
+        before = head.detach().clone()
+        ids = batch(t) % (VOCAB - 1) + 1  # no pad token: every sequence is full length
+        model(input_ids=ids, labels=labels).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert not torch.equal(head, before)
+        # Same master object and one Adam state whose step count runs on over the switches.
+        assert opt._masters["score.weight"] is master
+        assert opt.inner.state[master]["step"].item() == t + 1
+    assert opt.active_block == 2

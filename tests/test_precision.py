@@ -1,0 +1,210 @@
+"""Precision handling of BlockOptimizer: bf16 weights with fp32 masters, fp16 weights refused, fp32 weights
+with fp16 loss scaling (GradScaler skips count for nothing)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+
+from badam_hf.config import BAdamConfigError
+from badam_hf.optimizer import BlockOptimizer
+
+VOCAB = 64
+
+
+def tiny_llama(layers: int = 4, dtype=torch.float32, seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(cfg).to(dtype)
+
+
+def batch(seed: int, bs: int = 2, seq: int = 8) -> torch.Tensor:
+    g = torch.Generator().manual_seed(2000 + seed)
+    return torch.randint(0, VOCAB, (bs, seq), generator=g)
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def active_names(opt) -> list[str]:
+    return list(opt.partition.blocks[opt.active_block].param_names) + list(opt.partition.always_active)
+
+
+# --- bf16 weights ------------------------------------------------------------------------------------
+
+
+def test_bf16_masters_match_fp32_adamw_reference():
+    """The fp32 masters follow exactly the trajectory of torch AdamW run in fp32 on the same gradients
+    (upcast from bf16), and the bf16 weights are the masters rounded to bf16."""
+    K, lr, wd = 3, 1e-3, 0.1
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=lr, weight_decay=wd, switch_every=K, switch_mode="ascending")
+    params = dict(model.named_parameters())
+    decay = set(Trainer.get_decay_parameter_names(None, model))
+    step = 0
+    for block in range(2):  # two blocks: the second starts from fresh masters of the updated weights
+        names = active_names(opt)
+        assert opt.active_block == block
+        refs = {n: opt._masters[n].clone() for n in names}
+        for n in names:
+            assert opt._masters[n].dtype == torch.float32
+            assert torch.equal(refs[n], params[n].float())  # a fresh master is the weight, upcast
+        ref_opt = torch.optim.AdamW(
+            [
+                {"params": [refs[n] for n in names if n in decay], "weight_decay": wd},
+                {"params": [refs[n] for n in names if n not in decay], "weight_decay": 0.0},
+            ],
+            lr=lr,
+        )
+        for _ in range(K):
+            ids = batch(step)
+            model(input_ids=ids, labels=ids).loss.backward()
+            for n in names:
+                assert params[n].grad.dtype == torch.bfloat16
+                refs[n].grad = params[n].grad.float()
+            before = snapshot(model)
+            masters = [opt._masters[n] for n in names]  # the step may switch blocks and free them
+            opt.step()
+            opt.zero_grad()
+            ref_opt.step()
+            for n, m in zip(names, masters):
+                assert torch.equal(m, refs[n]), (step, n)
+                assert params[n].dtype == torch.bfloat16
+                assert torch.equal(params[n], refs[n].to(torch.bfloat16)), (step, n)
+            for n, p in params.items():
+                assert p.dtype == torch.bfloat16
+                if n not in names:
+                    assert torch.equal(p, before[n]), (step, n)
+            # Masters keep sub-bf16 precision: some differ from their weights rounded to bf16.
+            assert any(not torch.equal(m, params[n].float()) for n, m in zip(names, masters)), step
+            step += 1
+
+
+def test_bf16_loss_falls_when_overfitting():
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=5, switch_mode="ascending")
+    ids = batch(0, bs=4, seq=16)
+    losses = []
+    for _ in range(20):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert opt.global_step == 20 and opt.active_block == 0  # all four blocks trained, back to block 0
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert losses[-1] < losses[0] - 0.4, losses
+
+
+def test_fp16_weights_are_refused():
+    model = tiny_llama(dtype=torch.float16)
+    flags = [p.requires_grad for p in model.parameters()]
+    with pytest.raises(BAdamConfigError, match=r"float16 weights.*bfloat16"):
+        BlockOptimizer(model)
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+# --- fp32 weights with fp16 loss scaling -------------------------------------------------------------
+
+
+def _cpu_grad_scaler(**kwargs):
+    if not hasattr(torch, "amp") or not hasattr(torch.amp, "GradScaler"):
+        pytest.skip("torch.amp.GradScaler is not available")
+    try:
+        return torch.amp.GradScaler("cpu", **kwargs)
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"GradScaler('cpu') is not available: {e}")
+
+
+def test_grad_scaler_steps_equal_unscaled_steps():
+    """Scaling by a power of two is exact, so a scaled run equals an unscaled one bit for bit."""
+    scaler = _cpu_grad_scaler(init_scale=2.0**12)
+    scaled_model, plain_model = tiny_llama(), tiny_llama()
+    scaled = BlockOptimizer(scaled_model, lr=1e-3, switch_every=2, switch_mode="ascending")
+    plain = BlockOptimizer(plain_model, lr=1e-3, switch_every=2, switch_mode="ascending")
+    for t in range(3):
+        ids = batch(t)
+        before = snapshot(scaled_model)
+        active = set(active_names(scaled))
+        scaler.scale(scaled_model(input_ids=ids, labels=ids).loss).backward()
+        scaler.step(scaled)
+        scaler.update()
+        scaled.zero_grad()
+        plain_model(input_ids=ids, labels=ids).loss.backward()
+        plain.step()
+        plain.zero_grad()
+        for (n, p), q in zip(scaled_model.named_parameters(), plain_model.parameters()):
+            assert torch.equal(p, q), (t, n)
+            assert torch.equal(p, before[n]) == (n not in active), (t, n)
+    assert scaled.global_step == 3 and scaled.active_block == 1
+    assert scaler.get_scale() == 2.0**12
+
+
+def test_grad_scaler_with_fp16_autocast_trains():
+    scaler = _cpu_grad_scaler(init_scale=2.0**10)
+    model = tiny_llama()
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="ascending")
+    for t in range(2):
+        before = snapshot(model)
+        active = set(active_names(opt))
+        ids = batch(t)
+        with torch.autocast("cpu", dtype=torch.float16):
+            loss = model(input_ids=ids, labels=ids).loss
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        for n, p in model.named_parameters():
+            assert p.dtype == torch.float32
+            assert torch.equal(p, before[n]) == (n not in active), (t, n)
+    assert opt.global_step == 2 and opt.active_block == 1
+
+
+def test_grad_scaler_skipped_step_changes_nothing():
+    K = 2
+    scaler = _cpu_grad_scaler(init_scale=2.0**10)
+    model = tiny_llama()
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=K, switch_mode="ascending")
+
+    def scaled_backward(t, inject_inf=False):
+        ids = batch(t)
+        scaler.scale(model(input_ids=ids, labels=ids).loss).backward()
+        if inject_inf:
+            p = opt.param_groups[0]["params"][0]
+            p.grad.view(-1)[0] = float("inf")
+
+    # One good step on block 0.
+    scaled_backward(0)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    assert (opt.global_step, opt.steps_in_block, opt.active_block) == (1, 1, 0)
+
+    # An overflowing step: skipped, so weights, step count and block position stay where they were.
+    before = snapshot(model)
+    state_steps = {id(k): v["step"].clone() for k, v in opt.inner.state.items()}
+    scaled_backward(1, inject_inf=True)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert (opt.global_step, opt.steps_in_block, opt.active_block) == (1, 1, 0)
+    assert {id(k): v["step"] for k, v in opt.inner.state.items()} == state_steps
+    assert scaler.get_scale() == 2.0**9  # the scaler backed off
+
+    # The next good step is block 0's K-th successful step: it trains block 0, then switches.
+    active0 = set(active_names(opt))
+    before = snapshot(model)
+    scaled_backward(2)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]) == (n not in active0), n
+    assert (opt.global_step, opt.steps_in_block, opt.active_block) == (2, 0, 1)
