@@ -58,7 +58,10 @@ class BAdamCallback(TrainerCallback):
         opt = unwrap_optimizer(optimizer)
         if opt is None or logs is None:
             return
-        extra = {"badam/active_block": opt.active_block, "badam/active_block_name": opt.active_block_name}
+        # The block that took the latest optimizer step, i.e. the one whose training this log reports. (The
+        # optimizer has already switched to the next block inside that step when a block just finished.)
+        block = opt.schedule.block_at(opt.global_step - 1) if opt.global_step > 0 else opt.active_block
+        extra = {"badam/active_block": block, "badam/active_block_name": opt.partition.blocks[block].name}
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
