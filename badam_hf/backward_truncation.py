@@ -13,6 +13,8 @@ The fix is one forward pre-hook per stack layer. At the lowest active layer (whe
 before it) it replaces the incoming hidden states by a detached tensor; under reentrant checkpointing
 that tensor is made to require grad so the checkpointed layer still produces gradients. HF layers wrap
 `forward` (not `__call__`) in the checkpoint, so this hook runs outside the checkpoint, where it must.
+HF's input-require-grads hooks are removed when the optimizer is built and again before every forward
+(a model-level pre-hook), so enabling checkpointing after the optimizer exists changes nothing.
 """
 
 from __future__ import annotations
@@ -45,20 +47,28 @@ class BackwardTruncation:
         stacks = partition.stacks
         # With two stacks (encoder-decoder) the decoder also reads the encoder's output: no safe single cut.
         self.enabled = enabled and len(stacks) == 1
+        # The (HF) modules that can hold `enable_input_require_grads()` hooks.
+        self._hf_modules = [m for m in model.modules() if callable(getattr(m, "disable_input_require_grads", None))]
         if self.enabled:
             for i, layer in enumerate(stacks[0].layers):
                 self._handles.append(
                     layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
                 )
+            # Checkpointing may be enabled after the optimizer is built (re-installing HF's hooks): drop them
+            # again before each forward, ahead of the embedding that they act on.
+            self._handles.append(model.register_forward_pre_hook(self._drop_hook))
             self.drop_input_require_grads()
 
     def drop_input_require_grads(self) -> None:
         """Remove HF's `enable_input_require_grads()` hooks: the pre-hook makes them unnecessary, and they
-        would make every frozen layer below the active one record an autograd graph."""
-        for module in self.model.modules():
-            disable = getattr(module, "disable_input_require_grads", None)
-            if callable(disable) and getattr(module, "_require_grads_hooks", None):
-                disable()
+        would make every frozen layer below the active one record an autograd graph (and, when no stack
+        layer is active, run backward through the whole frozen stack)."""
+        for module in self._hf_modules:
+            if getattr(module, "_require_grads_hooks", None):
+                module.disable_input_require_grads()
+
+    def _drop_hook(self, module: nn.Module, args) -> None:
+        self.drop_input_require_grads()
 
     def update(self, trainable_names) -> None:
         trainable = list(trainable_names)
