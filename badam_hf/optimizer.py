@@ -127,6 +127,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         decay = hf_decay_parameter_names(model) if decay_parameter_names is None else set(decay_parameter_names)
         self._decay = decay
         self._masters: dict[str, torch.Tensor] = {}
+        # Called as hook(optimizer) after every (re)activation of a block: distributed engines re-register
+        # the new trainable set here (see badam_hf.distributed).
+        self.switch_hooks: list = []
         self.global_step = 0
         self.active_block: int = self.schedule.block_at(0)
 
@@ -218,6 +221,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._trainable = new
         self.active_block = block
         self.truncation.update(new)
+        for hook in self.switch_hooks:
+            hook(self)
 
     def seek(self, step: int) -> None:
         """Jump the schedule to `step` optimizer steps done, with fresh state for the block active there."""
