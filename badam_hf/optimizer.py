@@ -20,7 +20,7 @@ from torch import nn
 
 from .backward_truncation import BackwardTruncation
 from .config import BAdamConfig, BAdamConfigError
-from .distributed import check_single_process
+from .distributed import check_engine, install_step_guard
 from .partition import Partition, partition_model
 from .schedule import BlockSchedule
 
@@ -87,7 +87,7 @@ class BlockOptimizer(torch.optim.Optimizer):
     """Block-coordinate optimizer over `model`'s parameters.
 
     Args:
-        model: the model to train (not wrapped by DDP/FSDP; one process).
+        model: the model to train (the unwrapped model; under DDP see `badam_hf.distributed.attach_ddp`).
         config: a `BAdamConfig`; or give its flat keys as keyword arguments (`switch_every=50`,
             `switch_mode="ascending"`, `granularity="attn_mlp"`, ...).
         lr, betas, eps, weight_decay: hyperparameters of the inner optimizer (betas/eps only if it takes
@@ -114,7 +114,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         if config is not None and config_kwargs:
             raise BAdamConfigError("give either config=BAdamConfig(...) or flat keyword arguments, not both.")
         config = config if config is not None else BAdamConfig.from_flat(config_kwargs, source="BlockOptimizer")
-        check_single_process()
+        check_engine(model)  # FSDP / DeepSpeed: refused before anything changes
         check_model(model)
         self.model = model
         self.config = config
@@ -154,6 +154,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.truncation = BackwardTruncation(model, self.partition, enabled=config.truncate_backward)
         outer_groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in self.inner.param_groups]
         super().__init__(outer_groups, dict(self.inner.defaults))
+        install_step_guard(self)  # >1 process: the first step needs a DDP wrapper attached (attach_ddp)
         self._activate(self.active_block, fresh=True)
 
     # --- introspection ----------------------------------------------------------------------------

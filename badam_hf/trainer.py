@@ -8,11 +8,13 @@ block is a pure function of the optimizer's step count; the callback keeps that 
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
 from .config import BAdamConfig
+from .distributed import attach_wrapped_model
 from .optimizer import BlockOptimizer, check_model
 from .partition import partition_model
 from .schedule import BlockSchedule
@@ -53,6 +55,10 @@ class BAdamCallback(TrainerCallback):
         if opt is not None and opt.global_step != state.global_step:
             # Resumed without the optimizer's own state: the block still follows from the step count.
             opt.seek(state.global_step)
+        # Multi-process DDP: the Trainer has wrapped the model by now; keep its reducer on the active block.
+        trainer = self._trainer() if getattr(self, "_trainer", None) is not None else None
+        if opt is not None and trainer is not None:
+            attach_wrapped_model(getattr(trainer, "model_wrapped", None), opt)
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer)
@@ -72,6 +78,9 @@ def ensure_badam_callback(trainer: Trainer) -> None:
     callbacks = trainer.callback_handler.callbacks
     if not any(isinstance(cb, BAdamCallback) for cb in callbacks):
         callbacks.insert(0, BAdamCallback())
+    for cb in callbacks:
+        if isinstance(cb, BAdamCallback):
+            cb._trainer = weakref.ref(trainer)  # to reach `trainer.model_wrapped` (DDP) at train begin
 
 
 class BAdamMixin:

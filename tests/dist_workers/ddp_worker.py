@@ -1,0 +1,155 @@
+"""torchrun worker: BlockOptimizer + DistributedDataParallel in a plain PyTorch loop (CPU, gloo).
+
+Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_worker.py OUT_DIR
+
+For each scenario every rank writes its final parameters ({name}_rank{r}.pt) and per-step records
+({name}_rank{r}.json: active block, trainable names, names that changed). Rank 0 then also computes the
+single-process reference, which averages the two ranks' gradients by hand ({name}_ref.pt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from dist_common import batch, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+
+from badam_hf import BlockOptimizer  # noqa: E402
+from badam_hf.distributed import DistributedSetupError, attach_ddp  # noqa: E402
+
+WORLD = 2
+SCENARIOS = [
+    # DDP wrapped after the optimizer froze everything but block 0; ascending order revisits block 0.
+    dict(name="plain", tag=1, wrap="after", ga=1, gc=None, mode="ascending", steps=10, find_unused=False),
+    # DDP wrapped over the whole (trainable) model first, gradient accumulation, non-reentrant checkpointing.
+    dict(name="ga_gc", tag=2, wrap="before", ga=2, gc=False, mode="random", steps=10, find_unused=False),
+    # Reentrant checkpointing (which DDP supports with find_unused_parameters=False), descending order.
+    dict(name="reentrant", tag=3, wrap="after", ga=1, gc=True, mode="descending", steps=8, find_unused=False),
+    # Control without attach_ddp: DDP keeps reducing block 0 only, so the ranks drift apart from block 1 on.
+    dict(name="control", tag=4, wrap="after", ga=1, gc=None, mode="ascending", steps=4, find_unused=True, attach=False),
+]
+
+
+def build(sc):
+    model = tiny_llama(0)
+    model.train()
+    if sc["gc"] is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": sc["gc"]})
+    return model
+
+
+def make_opt(model, sc):
+    return BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, switch_mode=sc["mode"])
+
+
+def run_ddp(sc, rank, out):
+    model = build(sc)
+    if sc["wrap"] == "before":
+        ddp = DDP(model, find_unused_parameters=sc["find_unused"])
+        opt = make_opt(model, sc)
+    else:
+        opt = make_opt(model, sc)
+        ddp = DDP(model, find_unused_parameters=sc["find_unused"])
+    if sc.get("attach", True):
+        sync = attach_ddp(ddp, opt)
+    else:  # negative control: what happens without the glue (the guard is bypassed on purpose)
+        sync = None
+        opt._badam_ddp = "unattached control"
+    records = []
+    for step in range(sc["steps"]):
+        before = params_cpu(model)
+        record = {"block": opt.active_block, "trainable": opt.trainable_names}
+        for micro in range(sc["ga"]):
+            ids = batch(sc["tag"], step, micro, rank)
+            ctx = ddp.no_sync() if micro < sc["ga"] - 1 else contextlib.nullcontext()
+            with ctx:
+                (ddp(input_ids=ids, labels=ids).loss / sc["ga"]).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        after = params_cpu(model)
+        record["changed"] = [n for n in after if not torch.equal(after[n], before[n])]
+        records.append(record)
+    torch.save(params_cpu(model), os.path.join(out, f"{sc['name']}_rank{rank}.pt"))
+    write_json(
+        os.path.join(out, f"{sc['name']}_rank{rank}.json"),
+        {
+            "records": records,
+            "rebuilds": sync.rebuilds if sync else 0,
+            "rebuild_ms": sync.total_rebuild_ms / sync.rebuilds if sync else None,
+        },
+    )
+
+
+def run_reference(sc, out):
+    """One process, no DDP: per step, each rank's (accumulated) gradients are computed in turn and averaged."""
+    model = build(sc)
+    opt = make_opt(model, sc)
+    opt._badam_ddp = "single-process reference"  # this process is in a 2-rank group: bypass the guard
+    for step in range(sc["steps"]):
+        grads = []
+        for rank in range(WORLD):
+            for micro in range(sc["ga"]):
+                ids = batch(sc["tag"], step, micro, rank)
+                (model(input_ids=ids, labels=ids).loss / sc["ga"]).backward()
+            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            if n in grads[0]:
+                p.grad = grads[0][n] / WORLD + grads[1][n] / WORLD
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.save(params_cpu(model), os.path.join(out, f"{sc['name']}_ref.pt"))
+
+
+def run_guard(rank, out):
+    """More than one process and no attached DDP wrapper: the first step must refuse."""
+    result = {}
+    for case in ("no_ddp", "unattached_ddp"):
+        model = tiny_llama(0)
+        opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2)
+        fwd = DDP(model) if case == "unattached_ddp" else model
+        ids = batch(9, 0, 0, rank)
+        fwd(input_ids=ids, labels=ids).loss.backward()
+        before = params_cpu(model)
+        try:
+            opt.step()
+            result[case] = None
+        except DistributedSetupError as e:
+            result[case] = str(e)
+        after = params_cpu(model)
+        result[case + "_unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
+    # Ranks configured differently (start_block differs): attach_ddp notices before any step.
+    model = tiny_llama(0)
+    opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, start_block=rank)
+    try:
+        attach_ddp(DDP(model), opt)
+        result["mismatch"] = None
+    except DistributedSetupError as e:
+        result["mismatch"] = str(e)
+    write_json(os.path.join(out, f"guard_rank{rank}.json"), result)
+
+
+def main():
+    out = sys.argv[1]
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    assert dist.get_world_size() == WORLD
+    for sc in SCENARIOS:
+        run_ddp(sc, rank, out)
+    run_guard(rank, out)
+    dist.barrier()
+    if rank == 0:
+        for sc in SCENARIOS:
+            if sc.get("attach", True):
+                run_reference(sc, out)
+    finish()
+
+
+if __name__ == "__main__":
+    main()

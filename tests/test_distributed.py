@@ -1,0 +1,275 @@
+"""Multi-process DDP: BAdam's reducer rebuild at block switches (badam_hf.distributed).
+
+Two torchrun launches (2 CPU processes, gloo) run several scenarios each (tests/dist_workers/); the tests
+here compare what the workers wrote. In-process tests cover the refusals and the fallback path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from badam_hf import BlockOptimizer
+from badam_hf.distributed import DistributedSetupError, attach_ddp, attach_wrapped_model, check_engine
+
+WORKERS = Path(__file__).parent / "dist_workers"
+sys.path.insert(0, str(WORKERS))
+from dist_common import batch, tiny_llama  # noqa: E402
+
+BLOCKS = [f"model.layers.{i}." for i in range(4)]
+
+
+def launch(worker: str, out: Path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(WORKERS / worker), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"{worker} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+@pytest.fixture(scope="module")
+def ddp_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    launch("ddp_worker.py", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def trainer_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("trainer")
+    launch("trainer_worker.py", out)
+    return out
+
+
+def load(out: Path, name: str):
+    return torch.load(out / f"{name}.pt", weights_only=True)
+
+
+def read(out: Path, name: str):
+    return json.loads((out / f"{name}.json").read_text())
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+# --- plain PyTorch loop + attach_ddp ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scenario", ["plain", "ga_gc", "reentrant"])
+def test_ddp_ranks_agree_and_equal_reference(ddp_out, scenario):
+    """Ranks trained on different data end bit-identical, and equal to one process that averages the two
+    ranks' gradients by hand (SGD inner optimizer, so the comparison is exact)."""
+    r0, r1 = load(ddp_out, f"{scenario}_rank0"), load(ddp_out, f"{scenario}_rank1")
+    ref = load(ddp_out, f"{scenario}_ref")
+    assert same(r0, r1)
+    assert same(r0, ref)
+    initial = {n: p.detach() for n, p in tiny_llama(0).named_parameters()}
+    assert initial.keys() == r0.keys() and not same(r0, initial)  # it trained
+
+
+@pytest.mark.parametrize("scenario", ["plain", "ga_gc", "reentrant"])
+def test_ddp_only_active_block_moves_and_blocks_are_revisited(ddp_out, scenario):
+    for rank in (0, 1):
+        info = read(ddp_out, f"{scenario}_rank{rank}")
+        records = info["records"]
+        for rec in records:
+            prefix = BLOCKS[rec["block"]]
+            assert rec["trainable"] and all(n.startswith(prefix) for n in rec["trainable"])
+            # Exactly the active block moved at every step (SGD moves every parameter that has a grad).
+            assert set(rec["changed"]) == set(rec["trainable"])
+        blocks = [rec["block"] for rec in records]
+        assert set(blocks) == {0, 1, 2, 3}
+        # One rebuild at attach, one per switch: the reducer followed every block, including a revisited one.
+        switches = sum(a != b for a, b in zip(blocks, blocks[1:]))
+        # (The last step, an even one with switch_every=2, also switches to the next block.)
+        assert info["rebuilds"] == 1 + switches + 1
+    blocks = [rec["block"] for rec in read(ddp_out, f"{scenario}_rank0")["records"]]
+    if scenario != "reentrant":
+        assert blocks[-1] == blocks[0]  # a block visited again after the others
+
+
+def test_ddp_without_attach_diverges(ddp_out):
+    """Control: without the glue, DDP keeps reducing the block it saw at wrap time only."""
+    r0, r1 = load(ddp_out, "control_rank0"), load(ddp_out, "control_rank1")
+    blocks = [rec["block"] for rec in read(ddp_out, "control_rank0")["records"]]
+    assert blocks == [0, 0, 1, 1]
+    differ = {n for n in r0 if not torch.equal(r0[n], r1[n])}
+    assert differ and all(n.startswith(BLOCKS[1]) for n in differ)
+
+
+def test_step_guard_refuses_unattached_multi_process(ddp_out):
+    for rank in (0, 1):
+        res = read(ddp_out, f"guard_rank{rank}")
+        for case in ("no_ddp", "unattached_ddp"):
+            assert res[case] is not None and "not attached to a DistributedDataParallel" in res[case]
+            assert "attach_ddp" in res[case]
+            assert res[case + "_unchanged"]
+        assert "the ranks train different blocks" in res["mismatch"] and f"this rank: {rank}" in res["mismatch"]
+
+
+# --- Hugging Face Trainer under torchrun -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("run", ["trainer_optim", "badam_trainer_ga_gc"])
+def test_trainer_ddp_ranks_identical_and_visited_blocks_changed(trainer_out, run):
+    s0, s1 = load(trainer_out, f"{run}_rank0"), load(trainer_out, f"{run}_rank1")
+    info = read(trainer_out, f"{run}_rank0")
+    assert info["world_size"] == 2 and info["wrapped"] == "DistributedDataParallel"
+    assert read(trainer_out, f"{run}_rank1")["blocks"] == info["blocks"]
+    assert same(s0["initial"], s1["initial"])
+    assert same(s0["final"], s1["final"])
+    visited = set(info["blocks"])
+    assert len(visited) >= 3
+    for b, names in enumerate(info["block_params"]):
+        moved = [n for n in names if not torch.equal(s0["initial"][n], s0["final"][n])]
+        if b in visited:
+            assert moved == names, f"block {b} was trained but {set(names) - set(moved)} did not move"
+        else:
+            assert moved == []
+    in_blocks = {n for names in info["block_params"] for n in names}
+    assert all(torch.equal(s0["initial"][n], s0["final"][n]) for n in s0["initial"] if n not in in_blocks)
+    assert info["rebuilds"] >= len(visited)
+
+
+# --- in-process: refusals and the fallback path -----------------------------------------------------
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A 1-process gloo group, so DistributedDataParallel can be built inside pytest."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_attach_refuses_when_ddp_internals_are_missing(one_process_group, monkeypatch):
+    model = tiny_llama(0)
+    opt = BlockOptimizer(model, lr=0.1, inner_optimizer="sgd", switch_every=1)
+    ddp = DDP(model)
+    monkeypatch.delattr(DDP, "_ddp_init_helper")
+    with pytest.raises(DistributedSetupError, match=r"changed the DistributedDataParallel internals.*_ddp_init_helper"):
+        attach_ddp(ddp, opt)
+    assert opt.switch_hooks == [] and getattr(opt, "_badam_ddp", None) is None
+
+
+def test_attach_refuses_when_ddp_internals_change_signature(one_process_group, monkeypatch):
+    model = tiny_llama(0)
+    opt = BlockOptimizer(model, lr=0.1, inner_optimizer="sgd", switch_every=1)
+    ddp = DDP(model)
+    monkeypatch.setattr(DDP, "_ddp_init_helper", lambda self, parameters, expect_sparse_gradient, mapping: None)
+    with pytest.raises(DistributedSetupError, match="changed the DistributedDataParallel internals"):
+        attach_ddp(ddp, opt)
+    assert opt.switch_hooks == []
+
+
+def test_attach_one_process_ddp_matches_plain_training(one_process_group):
+    """Attached in one process, DDP training equals training without DDP, across block switches."""
+
+    def train(use_ddp: bool):
+        model = tiny_llama(0)
+        opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=1, switch_mode="ascending")
+        fwd = model
+        if use_ddp:
+            fwd = DDP(model)
+            sync = attach_ddp(fwd, opt)
+            assert attach_ddp(fwd, opt) is sync and opt.switch_hooks.count(sync) == 1  # idempotent
+        for step in range(5):
+            ids = batch(7, step, 0, 0)
+            fwd(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    assert same(train(use_ddp=True), train(use_ddp=False))
+
+
+def test_comm_hooks_survive_rebuilds(one_process_group):
+    """A communication hook (e.g. accelerate's bf16 compression) is registered again on each new reducer."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls = []
+
+    def counting_hook(state, bucket):
+        calls.append(1)
+        return allreduce_hook(state, bucket)
+
+    model = tiny_llama(0)
+    opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=1, switch_mode="ascending")
+    ddp = DDP(model)
+    ddp.register_comm_hook(None, counting_hook)
+    sync = attach_ddp(ddp, opt)
+    for step in range(3):
+        ids = batch(8, step, 0, 0)
+        n = len(calls)
+        ddp(input_ids=ids, labels=ids).loss.backward()
+        assert len(calls) > n, f"the hook did not run at step {step}"
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    assert sync.rebuilds == 4 and len(ddp._comm_hooks) == 1
+
+
+def test_attach_rejects_other_model_and_non_ddp(one_process_group):
+    model, other = tiny_llama(0), tiny_llama(1)
+    opt = BlockOptimizer(model, lr=0.1, inner_optimizer="sgd")
+    with pytest.raises(DistributedSetupError, match="does not wrap the model"):
+        attach_ddp(DDP(other), opt)
+    with pytest.raises(TypeError, match="needs a DistributedDataParallel"):
+        attach_ddp(model, opt)
+    with pytest.raises(TypeError, match="needs a badam_hf BlockOptimizer"):
+        attach_ddp(DDP(model), torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+class FullyShardedDataParallel(nn.Module):  # stand-ins: detection goes by class name
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+class DeepSpeedEngine(FullyShardedDataParallel):
+    pass
+
+
+def test_fsdp_and_deepspeed_are_refused_before_anything_changes(monkeypatch):
+    model = tiny_llama(0)
+    with pytest.raises(DistributedSetupError, match="does not support FSDP"):
+        BlockOptimizer(FullyShardedDataParallel(model), lr=0.1)
+    assert all(p.requires_grad for p in model.parameters())
+    opt = BlockOptimizer(model, lr=0.1)
+    with pytest.raises(DistributedSetupError, match="does not support DeepSpeed"):
+        attach_wrapped_model(DeepSpeedEngine(model), opt)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    fresh = tiny_llama(0)
+    with pytest.raises(DistributedSetupError, match="does not support DeepSpeed"):
+        check_engine(fresh)
+    with pytest.raises(DistributedSetupError, match="does not support DeepSpeed"):
+        BlockOptimizer(fresh, lr=0.1)
+    assert all(p.requires_grad for p in fresh.parameters())
+
+
+def test_single_process_needs_no_attach():
+    """One process without DDP: the guard steps aside (the single-process path is unchanged)."""
+    model = tiny_llama(0)
+    opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=1)
+    ids = batch(5, 0, 0, 0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.step()
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_several_processes_without_process_group_refused_at_construction(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    model = tiny_llama(0)
+    with pytest.raises(DistributedSetupError, match=r"2 processes .*not initialised.*attach_ddp"):
+        BlockOptimizer(model, lr=0.1)
+    assert all(p.requires_grad for p in model.parameters())  # refused before touching the model
