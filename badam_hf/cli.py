@@ -1,6 +1,8 @@
 """The `badam-hf` command (also `python -m badam_hf`).
 
     badam-hf estimate MODEL [--gpus N --batch B --seq S --no-gradient-checkpointing --granularity G]
+    badam-hf train RECIPE [section.key=value ...]   (RECIPE: a .yaml file or a shipped recipe's name)
+    badam-hf recipes                                 (lists the shipped recipes)
 """
 
 from __future__ import annotations
@@ -31,6 +33,38 @@ def _estimate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _train(ns: argparse.Namespace) -> int:
+    from .recipes import RecipeError, load_recipe, run
+
+    try:
+        recipe = load_recipe(ns.recipe, ns.overrides)
+    except RecipeError as e:
+        print(f"badam-hf train: {e}", file=sys.stderr)
+        return 2
+    if ns.check:
+        print(f"{recipe.path}: valid ({recipe.task}; BAdam {recipe.badam_flat or 'defaults'}).")
+        return 0
+    try:
+        run(recipe)
+    except RecipeError as e:  # data problems found while building (a record missing a field, ...)
+        print(f"badam-hf train: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _recipes(ns: argparse.Namespace) -> int:
+    from .recipes import RECIPES_DIR, describe, shipped_recipes
+
+    found = shipped_recipes()
+    if not found:
+        print(f"no recipes found in {RECIPES_DIR}", file=sys.stderr)
+        return 1
+    width = max(map(len, found))
+    for name, path in found.items():
+        print(f"{name:<{width}}  {describe(path)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .memory import BUILTIN_SHAPES
 
@@ -49,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--granularity", choices=GRANULARITIES, default="layer")
     est.add_argument("--lora-rank", type=int, default=8)
     est.set_defaults(func=_estimate)
+
+    tr = sub.add_parser(
+        "train",
+        help="run a recipe (a YAML file, or a shipped recipe's name)",
+        description="Train with BAdam from a recipe. Overrides use dotted keys with YAML values, e.g. "
+        "training.learning_rate=2e-5 badam.switch_every=50 data.dataset=my.jsonl.",
+    )
+    tr.add_argument("recipe", help="path to a recipe .yaml, or the name of a shipped recipe (see `badam-hf recipes`)")
+    tr.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe value")
+    tr.add_argument("--check", action="store_true", help="validate the recipe (with overrides) and exit")
+    tr.set_defaults(func=_train)
+
+    rc = sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
+    rc.set_defaults(func=_recipes)
     return parser
 
 

@@ -1,0 +1,593 @@
+"""Benchmark BAdam against AdamW, LoRA and the authors' `badam` package on a random-init Llama.
+
+    python benchmarks/bench.py [--shape cpu|tiny|llama3-8b] [--steps N] [--methods badam,adamw,lora,reference]
+                               [--out DIR] [--batch B --seq S] [--gradient-checkpointing]
+
+Every method trains the same model (same seed, same random token batches) for the same number of steps, each
+in its own process (this script re-run with --worker), so peak-memory numbers do not leak between methods.
+Per method it measures: peak memory (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated), the bytes held in
+gradients, fp32 master copies and optimizer state (counted tensor by tensor at the end of the inner optimizer
+step, when all of them exist at once), and forward / backward / optimizer-step time per step.
+
+BAdam switches block every step (K=1, ascending) and the timed steps cover whole block-epochs, so its backward
+time is averaged over every depth of the active layer. Results go to benchmarks/results/<shape>/ as
+results.json, results.md and memory_time.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+SHAPES = {
+    # Sized for a 2-core CPU machine: ~160M parameters, a few minutes for all four methods.
+    "cpu": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
+                num_key_value_heads=8, vocab_size=32000, batch=2, seq=128),
+    # For the smoke test: seconds.
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=512, batch=2, seq=16),
+    # Llama 3 8B, the paper's Table 2 setting (batch 2, seq 728, gradient checkpointing): needs a GPU.
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, batch=2, seq=728, gradient_checkpointing=True),
+}
+METHODS = ("badam", "adamw", "lora", "reference")
+LABELS = {
+    "badam": "BAdam (badam_hf)",
+    "adamw": "AdamW (fp32 + bf16 autocast)",
+    "lora": "LoRA r=8 q,v (peft)",
+    "reference": "BAdam (authors' badam pkg)",
+}
+WARMUP_STEPS = 1  # untimed steps first (allocator / kernel warm-up); BAdam's block-epoch alignment is kept
+
+
+# --- memory ------------------------------------------------------------------------------------------
+
+
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_bytes() -> int:
+    return _status_kb("VmRSS") * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs). False when not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    try:
+        return _status_kb("VmHWM") * 1024
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def tensor_bytes(t) -> int:
+    return t.numel() * t.element_size()
+
+
+def count_training_bytes(model, optimizer) -> dict:
+    """Independent count of what training holds beyond the forward pass, read off the tensors themselves.
+
+    `optimizer` is the optimizer that actually updates tensors (for BAdam: its inner AdamW). Tensors it updates
+    that are not model parameters are fp32 master copies. Optimizer state is split into moments (tensors with
+    one entry per parameter entry) and per-tensor scalars (AdamW's `step`)."""
+    import torch
+
+    model_params = {id(p): p for p in model.parameters()}
+    updated = [p for g in optimizer.param_groups for p in g["params"]]
+    masters = [t for t in updated if id(t) not in model_params]
+    moments = scalars = 0
+    for st in optimizer.state.values():
+        for v in st.values():
+            if torch.is_tensor(v):
+                if v.dim() == 0:
+                    scalars += tensor_bytes(v)
+                else:
+                    moments += tensor_bytes(v)
+    grads = sum(tensor_bytes(t.grad) for t in list(model_params.values()) + masters if t.grad is not None)
+    return {
+        "weights": sum(tensor_bytes(p) for p in model_params.values()),
+        "grads": grads,
+        "masters": sum(tensor_bytes(t) for t in masters),
+        "moments": moments,
+        "step_scalars": scalars,
+        "updated_numel": sum(t.numel() for t in updated),
+    }
+
+
+# --- model, data, methods ----------------------------------------------------------------------------
+
+
+def build_model(shape: dict, dtype, seed: int, device=None):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=max(2048, shape["seq"]),
+        tie_word_embeddings=False, use_cache=False,
+    )
+    torch.manual_seed(seed)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the target dtype: no fp32 copy of an 8B model
+    try:
+        with torch.device(device or "cpu"):  # on the GPU directly: an 8B model is never staged in host memory
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(prev)
+    return model
+
+
+def make_batches(shape: dict, n: int, seed: int, device):
+    import torch
+
+    g = torch.Generator().manual_seed(seed + 1)
+    return [
+        torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=g).to(device)
+        for _ in range(n)
+    ]
+
+
+def setup_method(method: str, model, num_layers: int, lr: float = 1e-5):
+    """Returns (model, optimizer to step, optimizer whose tensors are counted, autocast dtype or None, info)."""
+    import torch
+
+    info = {}
+    if method == "adamw":
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        return model, opt, opt, torch.bfloat16, info
+    if method == "badam":
+        from badam_hf.optimizer import BlockOptimizer
+
+        opt = BlockOptimizer(model, lr=lr, switch_every=1, switch_mode="ascending", granularity="layer")
+        info["num_blocks"] = opt.num_blocks
+        return model, opt, opt.inner, None, info
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+        return model, opt, opt, None, info
+    if method == "reference":
+        from badam import BlockOptimizer as RefBlockOptimizer
+
+        base = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+        opt = RefBlockOptimizer(
+            base, list(model.named_parameters()), switch_block_every=1, switch_mode="ascending",
+            block_prefix_list=[[f"model.layers.{i}."] for i in range(num_layers)], verbose=0,
+        )
+        info["num_blocks"] = num_layers
+        return model, opt, base, None, info
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+# --- one method, in its own process ----------------------------------------------------------------------
+
+
+def worker(args) -> dict:
+    import torch
+
+    shape = dict(SHAPES[args.shape])
+    if args.batch:
+        shape["batch"] = args.batch
+    if args.seq:
+        shape["seq"] = args.seq
+    method = args.worker
+    cuda = torch.cuda.is_available() and not args.cpu
+    device = torch.device("cuda" if cuda else "cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    # Import everything any method needs before the baseline, so import sizes do not count as training memory.
+    import peft  # noqa: F401
+    import transformers.trainer  # noqa: F401  (badam_hf reads HF's weight-decay rule from it)
+    import badam_hf.optimizer  # noqa: F401
+    try:
+        import badam  # noqa: F401
+    except ImportError:
+        pass
+    gc.collect()
+    rss_before_model = rss_bytes()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    dtype = torch.float32 if method == "adamw" else torch.bfloat16
+    model = build_model(shape, dtype, args.seed, device)
+    model.train()
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batches = make_batches(shape, args.steps + WARMUP_STEPS, args.seed, device)
+    gc.collect()
+    rss_after_model = rss_bytes()
+    gpu_after_model = torch.cuda.memory_allocated() if cuda else 0
+
+    model, opt, counted, autocast_dtype, info = setup_method(method, model, shape["num_hidden_layers"])
+    if args.gradient_checkpointing and method == "lora":
+        model.enable_input_require_grads()
+
+    snapshots = []
+
+    def snapshot(*_):  # called at the end of each inner optimizer step: grads, masters and state all exist
+        snap = count_training_bytes(model, counted)
+        if method == "badam":
+            snap["own_memory_bytes"] = opt.memory_bytes()
+            snap["active_block"] = opt.active_block_name
+        snapshots.append(snap)
+
+    counted.register_step_post_hook(snapshot)
+
+    def run_step(input_ids):
+        sync()
+        t0 = time.perf_counter()
+        if autocast_dtype is not None:
+            with torch.autocast(device.type, dtype=autocast_dtype):
+                loss = model(input_ids=input_ids, labels=input_ids).loss
+        else:
+            loss = model(input_ids=input_ids, labels=input_ids).loss
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        t3 = time.perf_counter()
+        return loss.item(), t1 - t0, t2 - t1, t3 - t2
+
+    # Warm-up steps, then enough extra untimed steps to start the timed window at block 0 again.
+    D = info.get("num_blocks")
+    warm = WARMUP_STEPS + ((-WARMUP_STEPS) % D if D else 0)
+    warm_batches = batches[:1] * warm
+    for b in warm_batches:
+        run_step(b)
+    snapshots.clear()
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    peak_reset = reset_peak_rss() if not cuda else True
+
+    load_before = os.getloadavg()
+    fwd, bwd, stp, losses = [], [], [], []
+    wall0 = time.perf_counter()
+    for b in batches[WARMUP_STEPS:]:
+        loss, f, bk, s = run_step(b)
+        losses.append(loss)
+        fwd.append(f)
+        bwd.append(bk)
+        stp.append(s)
+    wall = time.perf_counter() - wall0
+
+    load_after = os.getloadavg()
+
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+        mem = {"peak_bytes": peak, "model_bytes_after_build": gpu_after_model, "kind": "torch.cuda.max_memory_allocated"}
+    else:
+        peak = peak_rss_bytes()
+        mem = {
+            "peak_bytes": peak - rss_before_model,  # model + training, above the process's RSS before the build
+            "peak_rss_bytes": peak,
+            "growth_after_build_bytes": peak - rss_after_model,
+            "rss_before_model_bytes": rss_before_model,
+            "rss_after_model_bytes": rss_after_model,
+            "peak_reset_after_warmup": peak_reset,
+            "kind": "VmHWM - VmRSS before the model was built",
+        }
+    full_bwd = []
+    if method == "badam":
+        # The paper's reference point for BAdam's backward: a full backward of the same bf16 model (every
+        # parameter requires grad, no truncation), timed after the memory readings above.
+        opt.truncation.cut_layer = None
+        for p_ in model.parameters():
+            p_.requires_grad_(True)
+        for b in batches[WARMUP_STEPS:WARMUP_STEPS + min(len(batches) - WARMUP_STEPS, 3)]:
+            model.zero_grad(set_to_none=True)
+            loss = model(input_ids=b, labels=b).loss
+            sync()
+            t0 = time.perf_counter()
+            loss.backward()
+            sync()
+            full_bwd.append(time.perf_counter() - t0)
+        model.zero_grad(set_to_none=True)
+
+    best = max(snapshots, key=lambda s: s["grads"] + s["masters"] + s["moments"] + s["step_scalars"])
+    tokens = shape["batch"] * shape["seq"]
+    step_time = [a + b + c for a, b, c in zip(fwd, bwd, stp)]
+    mean = lambda xs: sum(xs) / len(xs)
+    return {
+        "method": method,
+        "label": LABELS[method],
+        "device": "cuda" if cuda else "cpu",
+        "steps": len(fwd),
+        "warmup_steps": warm,
+        "num_blocks": D,
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "memory": mem,
+        "bytes": best,
+        "time": {
+            "forward_s": mean(fwd), "backward_s": mean(bwd), "optimizer_s": mean(stp), "step_s": mean(step_time),
+            "per_step_backward_s": bwd, "per_step_forward_s": fwd, "per_step_optimizer_s": stp,
+            "wall_s": wall, "tokens_per_s": tokens * len(fwd) / sum(step_time),
+            "median_forward_s": statistics.median(fwd), "median_optimizer_s": statistics.median(stp),
+            "full_backward_same_dtype_s": mean(full_bwd) if full_bwd else None,
+        },
+        "loadavg_1min_before_after": [load_before[0], load_after[0]],
+        "losses": losses,
+        **{k: v for k, v in info.items() if k != "num_blocks"},
+    }
+
+
+# --- driver ------------------------------------------------------------------------------------------------
+
+
+def expected_backward_ratio(D: int) -> float:
+    """Paper: a backward through the top D-i+1 layers only, averaged over the D active layers of a block-epoch."""
+    return D * (D + 1) / (2 * D * D)
+
+
+def fmt_gb(b: float) -> str:
+    return f"{b / 1e9:.3f}"
+
+
+def markdown(results: dict, meta: dict) -> str:
+    rows = results["methods"]
+    ref = rows.get("adamw")
+    lines = [
+        f"# BAdam benchmark: shape `{meta['shape']}`",
+        "",
+        f"Machine: {meta['machine']}. Model: random-init Llama, {meta['total_params'] / 1e6:.1f}M parameters, "
+        f"D={meta['num_layers']} layers, batch {meta['batch']} x seq {meta['seq']}, {meta['steps']} timed steps per "
+        f"method{', gradient checkpointing' if meta['gradient_checkpointing'] else ''}. Each method ran in its own "
+        f"process. Peak memory: {meta['memory_kind']}.",
+        "",
+        "| method | peak mem GB | mem / AdamW | grads+masters+opt-state GB | trained params | fwd s | bwd s | "
+        "bwd / AdamW | opt step s | step s | step / AdamW | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in rows.items():
+        b, t = r["bytes"], r["time"]
+        held = b["grads"] + b["masters"] + b["moments"] + b["step_scalars"]
+        ratio = lambda x, y: f"{x / y:.3f}" if ref else "-"
+        lines.append(
+            f"| {r['label']} | {fmt_gb(r['memory']['peak_bytes'])} | "
+            f"{ratio(r['memory']['peak_bytes'], ref['memory']['peak_bytes']) if ref else '-'} | {fmt_gb(held)} | "
+            f"{b['updated_numel'] / 1e6:.2f}M | {t['forward_s']:.3f} | {t['backward_s']:.3f} | "
+            f"{ratio(t['backward_s'], ref['time']['backward_s']) if ref else '-'} | {t['optimizer_s']:.3f} | "
+            f"{t['step_s']:.3f} | {ratio(t['step_s'], ref['time']['step_s']) if ref else '-'} | {t['tokens_per_s']:.0f} |"
+        )
+    for m, rc in meta.get("failed", {}).items():
+        lines.append(f"| {LABELS[m]} | failed (worker exit code {rc}, e.g. out of memory) | | | | | | | | | | |")
+    loads = {m: r.get("loadavg_1min_before_after") for m, r in rows.items()}
+    lines += ["", "1-minute load average before/after each method's timed steps (timings are only comparable on an "
+              "otherwise idle machine): " + ", ".join(f"{m} {a:.1f}/{b:.1f}" for m, (a, b) in loads.items() if a is not None)]
+    lines += ["", "## Bytes per method (at the end of an optimizer step, when all of them exist)", "",
+              "| method | weights | grads | fp32 masters | moments | step scalars |", "|---|---|---|---|---|---|"]
+    for m, r in rows.items():
+        b = r["bytes"]
+        lines.append(f"| {r['label']} | {b['weights']:,} | {b['grads']:,} | {b['masters']:,} | {b['moments']:,} | "
+                     f"{b['step_scalars']:,} |")
+    lines += ["", "## Paper's expectations next to the measurements", ""]
+    D = meta["num_layers"]
+    if "badam" in rows:
+        r = rows["badam"]
+        b = r["bytes"]
+        n = b["updated_numel"]
+        held = b["grads"] + b["masters"] + b["moments"]
+        own = b.get("own_memory_bytes", {})
+        lines.append(
+            f"- BAdam grads + fp32 master + Adam moments = 16 bytes x active-block params: expected "
+            f"{16 * n:,} (active block {n:,} params, about M/D = {meta['total_params'] / D:,.0f}); measured {held:,} "
+            f"({held / n:.2f} bytes/param; plus {b['step_scalars']:,} bytes of AdamW step counters). "
+            f"BlockOptimizer.memory_bytes() says {sum(own.values()):,} "
+            f"({'agrees' if sum(own.values()) == held + b['step_scalars'] else 'DISAGREES'} with the independent count)."
+        )
+        exp = expected_backward_ratio(D)
+        if ref:
+            got = r["time"]["backward_s"] / ref["time"]["backward_s"]
+            lines.append(
+                f"- BAdam backward / full backward: expected about D(D+1)/(2D^2) = {exp:.3f} at D={D} (the backward "
+                f"only goes down to the active layer; it still crosses the LM head); measured {got:.3f} against "
+                f"AdamW's (different precision: AdamW runs bf16 autocast over fp32 weights)."
+            )
+            got_s = r["time"]["optimizer_s"] / ref["time"]["optimizer_s"]
+            lines.append(
+                f"- BAdam optimizer step faster than AdamW's (it updates ~1/D of the parameters): measured "
+                f"{r['time']['optimizer_s']:.4f} s vs {ref['time']['optimizer_s']:.4f} s (ratio {got_s:.3f}; "
+                f"{'as expected' if got_s < 1 else 'NOT met'})."
+            )
+        full = r["time"].get("full_backward_same_dtype_s")
+        if full:
+            got = r["time"]["backward_s"] / full
+            lines.append(
+                f"- BAdam backward / full backward of the same bf16 model (all parameters trainable, timed in the same "
+                f"process): expected about {exp:.3f}; measured {r['time']['backward_s']:.3f} s / {full:.3f} s = "
+                f"{got:.3f}. (The formula counts layers only; the full backward also computes the weight gradients "
+                f"of the embedding and LM head, {1 - n * D / meta['total_params']:.0%} of the parameters here, which "
+                f"BAdam's does not.)"
+            )
+        if "reference" in rows:
+            q = rows["reference"]
+            mr = r["memory"]["peak_bytes"] / q["memory"]["peak_bytes"]
+            sr = r["time"]["step_s"] / q["time"]["step_s"]
+            lines.append(
+                f"- No more memory and no less speed than the authors' package: peak memory ratio ours/theirs "
+                f"{mr:.3f} ({'met' if mr <= 1.02 else 'NOT met'}), step-time ratio ours/theirs {sr:.3f} "
+                f"({'met' if sr <= 1.05 else 'NOT met'}; thresholds 1.02 and 1.05 allow for run-to-run noise)."
+            )
+        lines.append(
+            f"- BAdam's per-step backward times over one block-epoch (active layer 0 .. {D - 1}, ascending): "
+            + ", ".join(f"{x:.3f}" for x in r["time"]["per_step_backward_s"][:D])
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["methods"]
+    labels = [r["label"].replace(" (", "\n(") for r in rows.values()]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    axes[0].bar(labels, [r["memory"]["peak_bytes"] / 1e9 for r in rows.values()], color="tab:blue")
+    axes[0].set_title("peak memory (GB)")
+    held = [(r["bytes"]["grads"] + r["bytes"]["masters"] + r["bytes"]["moments"]) / 1e9 for r in rows.values()]
+    axes[1].bar(labels, held, color="tab:orange")
+    axes[1].set_title("grads + fp32 masters + moments (GB)")
+    bottom = [0.0] * len(rows)
+    for key, color in (("forward_s", "tab:green"), ("backward_s", "tab:red"), ("optimizer_s", "tab:purple")):
+        vals = [r["time"][key] for r in rows.values()]
+        axes[2].bar(labels, vals, bottom=bottom, color=color, label=key[:-2])
+        bottom = [a + b for a, b in zip(bottom, vals)]
+    axes[2].set_title("time per step (s)")
+    axes[2].legend()
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle(f"BAdam benchmark, shape {results['meta']['shape']} ({results['meta']['machine']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine_description(cuda_name: str | None) -> str:
+    if cuda_name:
+        return f"GPU {cuda_name}"
+    return f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=list(SHAPES), default="cpu")
+    p.add_argument("--steps", type=int, default=None,
+                   help="timed steps per method (default: one block-epoch, D = number of layers)")
+    p.add_argument("--methods", default="badam,adamw,lora,reference")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<shape>)")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--seq", type=int, default=None)
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    shape = SHAPES[args.shape]
+    D = shape["num_hidden_layers"]
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = bool(shape.get("gradient_checkpointing", False))
+    if args.steps is None:
+        args.steps = D
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+
+    if args.worker:
+        res = worker(args)
+        with open(args.worker_out, "w") as f:
+            json.dump(res, f)
+        return 0
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
+    if "reference" in methods:
+        try:
+            import badam  # noqa: F401
+        except ImportError:
+            print("the authors' `badam` package is not importable: skipping method 'reference'", file=sys.stderr)
+            methods.remove("reference")
+    if "badam" in methods and args.steps % D:
+        print(f"note: --steps {args.steps} is not a multiple of D={D}; BAdam's backward time is then not averaged "
+              "over whole block-epochs", file=sys.stderr)
+
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.shape)
+    os.makedirs(out, exist_ok=True)
+    t_start = time.perf_counter()
+    rows, failed = {}, {}
+    for m in methods:
+        wout = os.path.join(out, f"worker_{m}.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", m, "--worker-out", wout, "--shape", args.shape,
+               "--steps", str(args.steps), "--seed", str(args.seed)]
+        for flag, val in (("--batch", args.batch), ("--seq", args.seq)):
+            if val:
+                cmd += [flag, str(val)]
+        if args.gradient_checkpointing:
+            cmd.append("--gradient-checkpointing")
+        if args.cpu:
+            cmd.append("--cpu")
+        t0 = time.perf_counter()
+        print(f"[bench] {m}: running ...", flush=True)
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0:
+            # e.g. AdamW running out of GPU memory at --shape llama3-8b: report it and go on with the others.
+            print(f"[bench] {m}: worker failed with exit code {proc.returncode}", file=sys.stderr)
+            failed[m] = proc.returncode
+            continue
+        with open(wout) as f:
+            rows[m] = json.load(f)
+        os.remove(wout)
+        print(f"[bench] {m}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+
+    if not rows:
+        print("[bench] every method failed", file=sys.stderr)
+        return 1
+    import torch
+
+    cuda_name = torch.cuda.get_device_name(0) if rows and next(iter(rows.values()))["device"] == "cuda" else None
+    first = next(iter(rows.values()))
+    meta = {
+        "shape": args.shape, "machine": machine_description(cuda_name), "num_layers": D,
+        "total_params": max(r["total_params"] for r in rows.values()),
+        "batch": args.batch or shape["batch"], "seq": args.seq or shape["seq"], "steps": args.steps,
+        "gradient_checkpointing": args.gradient_checkpointing, "memory_kind": first["memory"]["kind"],
+        "torch": torch.__version__, "total_runtime_s": time.perf_counter() - t_start,
+        "expected_badam_backward_ratio": expected_backward_ratio(D), "failed": failed,
+    }
+    if "adamw" in rows:
+        ref = rows["adamw"]
+        for r in rows.values():
+            r["ratios_to_adamw"] = {
+                "memory": r["memory"]["peak_bytes"] / ref["memory"]["peak_bytes"],
+                "backward_time": r["time"]["backward_s"] / ref["time"]["backward_s"],
+                "optimizer_time": r["time"]["optimizer_s"] / ref["time"]["optimizer_s"],
+                "step_time": r["time"]["step_s"] / ref["time"]["step_s"],
+            }
+    results = {"meta": meta, "methods": rows}
+    md = markdown(results, meta)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md)
+    try:
+        plot(results, os.path.join(out, "memory_time.png"))
+    except ImportError:
+        print("matplotlib is not installed: no chart", file=sys.stderr)
+    print(md)
+    print(f"[bench] total runtime {meta['total_runtime_s']:.1f} s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

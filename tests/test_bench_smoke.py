@@ -1,0 +1,58 @@
+"""Smoke test of benchmarks/bench.py at --shape tiny: it runs end to end and its byte counts are right.
+
+No timing assertions: only that times were measured (positive) and that the byte counts follow from the
+tensors BAdam must hold (fp32 master + two Adam moments = 12 bytes per active-block parameter).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def test_bench_tiny(tmp_path):
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--shape", "tiny", "--steps", "2", "--methods", "badam,adamw,lora",
+         "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = results["methods"]
+    assert set(rows) == {"badam", "adamw", "lora"}
+    for name, r in rows.items():
+        assert r["steps"] == 2
+        for key in ("forward_s", "backward_s", "optimizer_s", "step_s", "tokens_per_s"):
+            assert r["time"][key] > 0, (name, key)
+        b = r["bytes"]
+        for key in ("weights", "grads", "moments", "updated_numel"):
+            assert b[key] > 0, (name, key)
+        assert r["memory"]["peak_bytes"] > 0, name
+        assert len(r["losses"]) == 2 and all(l > 0 for l in r["losses"])
+
+    # BAdam: one Llama layer is active; its fp32 masters + Adam moments are exactly 12 bytes per parameter,
+    # its fp32 grads 4 bytes per parameter, and its own memory_bytes() agrees with the independent count.
+    badam, adamw, lora = rows["badam"]["bytes"], rows["adamw"]["bytes"], rows["lora"]["bytes"]
+    n = badam["updated_numel"]
+    hidden, inter, heads, kv = 64, 128, 4, 2  # the tiny shape
+    head_dim = hidden // heads
+    layer_numel = 2 * hidden * hidden + 2 * hidden * kv * head_dim + 3 * hidden * inter + 2 * hidden
+    assert n == layer_numel
+    assert badam["masters"] + badam["moments"] == 12 * n
+    assert badam["grads"] == 4 * n
+    assert sum(badam["own_memory_bytes"].values()) == badam["grads"] + badam["masters"] + badam["moments"] + badam[
+        "step_scalars"]
+    assert badam["masters"] + badam["moments"] < adamw["masters"] + adamw["moments"]
+    # AdamW trains every (fp32) parameter: 8 bytes of moments and 4 of grad per parameter.
+    total = rows["adamw"]["total_params"]
+    assert adamw["updated_numel"] == total and adamw["moments"] == 8 * total and adamw["grads"] == 4 * total
+    # LoRA r=8 on q_proj and v_proj of 4 layers: A (r x in) + B (out x r) per adapted matrix.
+    assert lora["updated_numel"] == 4 * (8 * hidden + hidden * 8 + 8 * hidden + kv * head_dim * 8)
+
+    assert "ratios_to_adamw" in rows["badam"]
+    md = (out / "results.md").read_text()
+    assert "| BAdam (badam_hf) |" in md and "D(D+1)/(2D^2)" in md
+    assert (out / "memory_time.png").stat().st_size > 0
