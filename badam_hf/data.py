@@ -55,14 +55,37 @@ def format_alpaca(record: dict, index: int = 0) -> tuple[str, str]:
     return prompt, record["output"]
 
 
+TEMPLATES = ("alpaca", "chat")
+
+
+def format_chat(record: dict, tokenizer, index: int = 0) -> tuple[str, str]:
+    """(prompt, response) with the tokenizer's own chat template: the instruction (and input) as one user
+    turn, the prompt ending where the assistant's answer starts."""
+    _check_record(record, index)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "template 'chat' needs a tokenizer with a chat template (tokenizer.chat_template is empty); "
+            "use template 'alpaca' or an instruct model's tokenizer."
+        )
+    context = (record.get("input") or "").strip()
+    content = record["instruction"].strip() + (f"\n\n{context}" if context else "")
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    return prompt, record["output"]
+
+
 def tokenize_sft(
-    records: Sequence[dict], tokenizer, cutoff_len: int = 512, add_bos: bool = False
+    records: Sequence[dict], tokenizer, cutoff_len: int = 512, add_bos: bool = False, template: str = "alpaca"
 ) -> dict[str, list[list[int]]]:
     """Token ids, attention masks and labels for supervised fine-tuning.
 
     The sequence is `[bos] prompt response eos`, cut to `cutoff_len` tokens (the end is dropped).
-    Labels are -100 on the prompt (and BOS) and equal the ids on the response and EOS.
+    Labels are -100 on the prompt (and BOS) and equal the ids on the response and EOS. `template` is
+    `alpaca` (the Alpaca prompt) or `chat` (the tokenizer's chat template, which brings its own BOS).
     """
+    if template not in TEMPLATES:
+        raise ValueError(f"template {template!r} is not valid; choose one of {', '.join(TEMPLATES)}.")
     if cutoff_len < 1:
         raise ValueError(f"cutoff_len must be >= 1, got {cutoff_len}.")
     eos = tokenizer.eos_token_id
@@ -72,7 +95,10 @@ def tokenize_sft(
         raise ValueError("add_bos=True but the tokenizer has no bos_token.")
     out: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
     for index, record in enumerate(records):
-        prompt, response = format_alpaca(record, index)
+        if template == "chat":
+            prompt, response = format_chat(record, tokenizer, index)
+        else:
+            prompt, response = format_alpaca(record, index)
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [eos]
         if add_bos:

@@ -10,7 +10,7 @@ A recipe has four sections:
   `from_config` + `config` (build a randomly initialised model from config values instead of loading
   weights; `config.model_type` names the architecture, otherwise `name_or_path`'s config is the base).
 - `data`: `dataset` (a Hub name, a local .json/.jsonl file, or `builtin:demo`), `format`
-  (`alpaca` or `superglue-<task>`), `template` (`alpaca`), `cutoff_len`, `val_size`, `eval_dataset`
+  (`alpaca` or `superglue-<task>`), `template` (`alpaca`, or `chat` for the tokenizer's chat template), `cutoff_len`, `val_size`, `eval_dataset`
   (local file or Hub split for evaluation), `hub_config`, `split`, `max_samples`.
 - `badam`: the flat keys of `BAdamConfig.from_flat` (switch_every, switch_mode, granularity, ...).
 - `training`: any `transformers.TrainingArguments` field, verbatim.
@@ -41,7 +41,7 @@ from .config import BAdamConfig, BAdamConfigError
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 ENV_RECIPES_DIR = "BADAM_HF_RECIPES"  # optional extra folder searched first
 DTYPES = ("bfloat16", "float32", "float16", "auto")
-TEMPLATES = ("alpaca",)
+TEMPLATES = ("alpaca", "chat")
 
 
 class RecipeError(ValueError):
@@ -515,9 +515,11 @@ def build(recipe: Recipe) -> Built:
     # --- features ---
     try:
         if d["format"] == "alpaca":
-            add_bos = tokenizer.bos_token_id is not None
-            train_ds = SFTDataset(tokenize_sft(records, tokenizer, d["cutoff_len"], add_bos=add_bos))
-            eval_ds = SFTDataset(tokenize_sft(eval_records, tokenizer, d["cutoff_len"], add_bos=add_bos)) if eval_records else None
+            # A chat template writes its own BOS.
+            add_bos = tokenizer.bos_token_id is not None and d["template"] == "alpaca"
+            sft = dict(add_bos=add_bos, template=d["template"])
+            train_ds = SFTDataset(tokenize_sft(records, tokenizer, d["cutoff_len"], **sft))
+            eval_ds = SFTDataset(tokenize_sft(eval_records, tokenizer, d["cutoff_len"], **sft)) if eval_records else None
             collator = SFTCollator(tokenizer.pad_token_id)
             compute_metrics = None
         else:

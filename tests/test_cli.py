@@ -107,3 +107,10 @@ def test_bad_data_exits_2_naming_field_and_record(tmp_path, capsys):
 def test_estimate_still_works(capsys):
     assert main(["estimate", "llama3-8b"]) == 0
     assert "| BAdam |" in capsys.readouterr().out
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_a_clear_error(tmp_path, capsys):
+    code = main(["train", "demo", "data.template=chat", "training.max_steps=1", f"training.output_dir={tmp_path}/out"])
+    assert code == 2
+    assert "needs a tokenizer with a chat template" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

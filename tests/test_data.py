@@ -180,3 +180,27 @@ def test_real_alpaca_file():
     assert any("### Input:" in format_alpaca(r)[0] for r in subset)
     train, val = train_val_split(records, 0.1, seed=0)
     assert len(val) == 100 and len(train) == 899
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def test_chat_template_masks_the_whole_templated_prompt():
+    chat_tok = build_local_tokenizer(alpaca_texts(RECORDS) + ["<|user|><|assistant|>"] * 3, vocab_size=300)
+    chat_tok.chat_template = CHAT_TEMPLATE
+    feats = tokenize_sft(RECORDS[1:2], chat_tok, cutoff_len=256, template="chat")
+    prompt = chat_tok.bos_token + "<|user|>Reverse the word.\n\ncat\n<|assistant|>"
+    prompt_ids = _ids(chat_tok, prompt)
+    response_ids = _ids(chat_tok, "tac") + [chat_tok.eos_token_id]
+    assert feats["input_ids"][0] == prompt_ids + response_ids
+    assert feats["labels"][0] == [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def test_chat_template_needs_a_tokenizer_with_one(tok):
+    with pytest.raises(ValueError, match="chat template"):
+        tokenize_sft(RECORDS[:1], tok, template="chat")
+    with pytest.raises(ValueError, match="template 'nope' is not valid"):
+        tokenize_sft(RECORDS[:1], tok, template="nope")
