@@ -1,0 +1,413 @@
+"""Convergence on real instruction data: BAdam, AdamW and LoRA, same model, batches, steps and schedule.
+
+    python benchmarks/convergence.py [--data PATH] [--steps N] [--out DIR] [--no-isolate]
+
+Reads the Alpaca records in `../shared/data/alpaca_en_demo.json` (next to the repository; `--data` for
+another file), trains a local byte-level BPE tokenizer on them, builds a small `LlamaForCausalLM` from a
+config and trains it three times on the same batches with the same learning-rate schedule:
+
+- BAdam: `badam_hf.BAdamTrainer`, one block per layer plus the output side (final norm + LM head),
+- AdamW: the plain `Trainer` with `optim="adamw_torch"`, every parameter trained,
+- LoRA: peft `LoraConfig(r=8)` on `q_proj`, `v_proj`, the base model frozen.
+
+Each method runs in a fresh process (`--no-isolate` runs them here). The output folder gets
+`convergence.png` (the three training-loss curves, BAdam's block switches as dotted lines),
+`results.json` and `results.md`.
+
+No pretrained weights can be downloaded here, so the model starts from random initialisation. That is
+a hard setting for LoRA: a low-rank update of a random network, with the embeddings and the head frozen
+at random values, can learn little; its flat curve is expected and says nothing about LoRA on a
+pretrained model. The curves show whether BAdam, which trains one block at a time, keeps up with AdamW
+for the same steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from anywhere, without an installed package
+    sys.path.insert(0, str(REPO))
+
+from badam_hf.data import (  # noqa: E402
+    IGNORE_INDEX,
+    SFTCollator,
+    SFTDataset,
+    alpaca_texts,
+    build_local_tokenizer,
+    load_alpaca_json,
+    tokenize_sft,
+)
+from badam_hf.demo import _optimizer_state_bytes, _peak_rss_kb, _window_mean  # noqa: E402
+
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "convergence"
+METHODS = ("badam", "adamw", "lora")
+NAMES = {"badam": "BAdam", "adamw": "AdamW", "lora": "LoRA r=8 (q,v)"}
+STYLES = {"badam": "-", "adamw": "--", "lora": "-."}
+
+
+def _train_one(method: str, job: dict) -> dict:
+    """One training run (in a process of its own when isolated): its per-step losses and measurements."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from badam_hf import BAdamConfig, BAdamTrainer, PartitionConfig, ScheduleConfig
+
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(job["seed"])  # the same initial weights for every method
+    config = LlamaConfig(vocab_size=job["vocab_size"], pad_token_id=job["pad_token_id"], **job["model"])
+    model = LlamaForCausalLM(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    if method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        )
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    peak_state = {"bytes": 0}
+
+    class StateBytes(TrainerCallback):
+        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is not None:
+                peak_state["bytes"] = max(peak_state["bytes"], _optimizer_state_bytes(optimizer))
+
+    scratch = tempfile.TemporaryDirectory(prefix=f"badam_convergence_{method}_")
+    args = TrainingArguments(
+        output_dir=scratch.name,
+        max_steps=job["steps"],
+        per_device_train_batch_size=job["batch_size"],
+        learning_rate=job["lr"][method],
+        lr_scheduler_type="cosine",
+        warmup_steps=job["warmup_steps"],
+        weight_decay=0.0,
+        optim="adamw_torch",
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=job["seed"],
+        data_seed=job["seed"],  # the same shuffle, hence the same batches, for every method
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        log_level="error",
+    )
+    common = dict(
+        model=model,
+        args=args,
+        train_dataset=SFTDataset(job["features"]),
+        data_collator=SFTCollator(job["pad_token_id"]),
+        callbacks=[StateBytes()],
+    )
+    if method == "badam":
+        badam = BAdamConfig(
+            partition=PartitionConfig(**job["partition"]),
+            schedule=ScheduleConfig(switch_every=job["switch_every"], switch_mode=job["switch_mode"], seed=job["seed"]),
+        )
+        trainer = BAdamTrainer(badam_config=badam, **common)
+    else:
+        trainer = Trainer(**common)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    result: dict[str, Any] = {
+        "method": method,
+        "lr": job["lr"][method],
+        "steps": [h["step"] for h in logged],
+        "losses": [h["loss"] for h in logged],
+        "wall_time_s": wall,
+        "peak_rss_mb": _peak_rss_kb() / 1024,
+        "optimizer_state_bytes": peak_state["bytes"],
+        "num_parameters": n_params,
+        "trainable_parameters": n_trainable,
+    }
+    if method == "badam":
+        from badam_hf.trainer import unwrap_optimizer
+
+        opt = unwrap_optimizer(trainer.optimizer)
+        result["active_blocks"] = [h.get("badam/active_block") for h in logged]
+        result["num_blocks"] = opt.num_blocks
+        result["block_names"] = list(opt.partition.names)
+    scratch.cleanup()
+    return result
+
+
+def _run(method: str, job: dict, isolate: bool) -> dict:
+    if not isolate:
+        return _train_one(method, job)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_train_one, (method, job))
+
+
+def _switch_steps(result: dict) -> list[int]:
+    """Steps after which BAdam's active block changed, read from its logged block (the schedule otherwise)."""
+    blocks, steps = result.get("active_blocks") or [], result["steps"]
+    if blocks and all(b is not None for b in blocks):
+        return [steps[i - 1] for i in range(1, len(blocks)) if blocks[i] != blocks[i - 1]]
+    return []
+
+
+def _plot(path: Path, summary: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for method in summary["methods"]:
+        r = summary["results"][method]
+        ax.plot(r["steps"], r["losses"], STYLES[method], linewidth=1.1, label=f"{NAMES[method]} (lr {r['lr']:g})")
+    for k, s in enumerate(summary["badam_switch_steps"]):
+        ax.axvline(s + 0.5, color="gray", linestyle=":", linewidth=0.8, label="BAdam block switch" if k == 0 else None)
+    m = summary["model"]
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (response tokens)")
+    ax.set_title(
+        f"{Path(summary['data']).name}: {summary['num_train_records']} records, Llama {m['num_hidden_layers']}x"
+        f"{m['hidden_size']} from random init, batch {summary['batch_size']}"
+    )
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _results_md(s: dict) -> str:
+    m = s["model"]
+    lines = [
+        "# Convergence: BAdam vs AdamW vs LoRA",
+        "",
+        f"Data: `{Path(s['data']).name}`, {s['num_train_records']} records"
+        + (f" ({s['num_dropped_records']} left out: prompt longer than the cutoff)" if s["num_dropped_records"] else "")
+        + f", cutoff {s['cutoff_len']} tokens, local byte-level BPE tokenizer ({s['vocab_size']} tokens). "
+        f"Model: LlamaForCausalLM from a config ({m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
+        f"{s['num_parameters']:,} parameters), fp32, **random initialisation** (no pretrained weights can be "
+        f"downloaded here). {s['steps']} steps, batch {s['batch_size']}, cosine schedule with {s['warmup_steps']} "
+        f"warm-up steps, seed {s['seed']}; every method sees the same batches. {s['threads']} torch thread(s).",
+        "",
+        f"BAdam: {s['num_blocks']} blocks ({', '.join(s['block_names'])}), switch_every={s['switch_every']}, "
+        f"switch_mode={s['switch_mode']}.",
+        "",
+        f"| method | lr | trainable params | first-{s['window']}-steps loss | final loss (mean of last {s['window']}) "
+        "| train wall time (s) | optimizer state (bytes) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for method in s["methods"]:
+        r = s["results"][method]
+        lines.append(
+            f"| {NAMES[method]} | {r['lr']:g} | {r['trainable_parameters']:,} | {r['first_loss']:.4f} | "
+            f"{r['final_loss']:.4f} | {r['wall_time_s']:.1f} | {r['optimizer_state_bytes']:,} |"
+        )
+    lines += [
+        "",
+        "Notes:",
+        "- The loss is over response tokens only (prompt tokens carry label -100); it is the training loss of "
+        "each step's batch, so it is noisy.",
+        "- BAdam's trainable parameters are those of the whole model, one block at a time; its optimizer state "
+        "is the largest seen after any step (the active block's Adam moments only).",
+        "- LoRA on a randomly initialised base learns little: the embeddings, the head and every other weight stay "
+        "at their random values, only low-rank updates to q_proj and v_proj are trained. Its flat curve is the "
+        "expected result of that setting, not a verdict on LoRA with a pretrained model.",
+        f"- Total time (process start-up included): {s['total_time_s']:.1f} s.",
+        "",
+        "![loss curves](convergence.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def run_convergence(
+    data_path: str | Path = DEFAULT_DATA,
+    out_dir: str | Path = DEFAULT_OUT,
+    *,
+    steps: int = 400,
+    max_records: int | None = None,
+    cutoff_len: int = 256,
+    vocab_size: int = 1000,
+    batch_size: int = 8,
+    lr: float = 2e-3,
+    lora_lr: float | None = None,
+    warmup_steps: int = 10,
+    switch_every: int = 25,
+    switch_mode: str = "descending",
+    hidden_size: int = 128,
+    num_layers: int = 4,
+    include_embedding: bool = False,
+    seed: int = 0,
+    threads: int = 1,
+    window: int = 20,
+    methods: tuple[str, ...] = METHODS,
+    isolate: bool = True,
+    verbose: bool = True,
+) -> dict:
+    """Train every method in `methods` on the same batches; write convergence.png, results.json, results.md."""
+    for method in methods:
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
+    if "badam" not in methods:
+        raise ValueError("the comparison needs 'badam' among the methods.")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data_path = Path(data_path).expanduser().resolve()
+    records = load_alpaca_json(data_path)
+    if max_records is not None:
+        records = records[:max_records]
+    if not records:
+        raise ValueError(f"{data_path} has no records.")
+
+    t0 = time.perf_counter()
+    tokenizer = build_local_tokenizer(alpaca_texts(records), vocab_size)
+    features = tokenize_sft(records, tokenizer, cutoff_len)
+    keep = [i for i, labels in enumerate(features["labels"]) if any(t != IGNORE_INDEX for t in labels)]
+    if not keep:
+        raise ValueError(f"every record's prompt is longer than cutoff_len={cutoff_len}; raise cutoff_len.")
+    features = {k: [v[i] for i in keep] for k, v in features.items()}
+    model = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max(cutoff_len, 64),
+        tie_word_embeddings=False,
+    )
+    job = dict(
+        features=features,
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        model=model,
+        steps=steps,
+        batch_size=batch_size,
+        lr={"badam": lr, "adamw": lr, "lora": lora_lr if lora_lr is not None else lr},
+        warmup_steps=warmup_steps,
+        switch_every=switch_every,
+        switch_mode=switch_mode,
+        # From scratch the output layer must learn too: it gets a block of its own.
+        partition=dict(include_lm_head=True, include_embedding=include_embedding),
+        seed=seed,
+        threads=threads,
+    )
+    results = {}
+    for method in methods:
+        if verbose:
+            print(f"[convergence] training {NAMES[method]} for {steps} steps ...", flush=True)
+        results[method] = _run(method, job, isolate)
+        if verbose:
+            r = results[method]
+            print(f"[convergence]   {r['wall_time_s']:.1f}s, last loss {r['losses'][-1]:.3f}", flush=True)
+    total = time.perf_counter() - t0
+    w = max(1, min(window, steps // 4 or 1))
+    for r in results.values():
+        r["first_loss"] = _window_mean(r["losses"], w, tail=False)
+        r["final_loss"] = _window_mean(r["losses"], w, tail=True)
+        r["all_finite"] = all(math.isfinite(x) for x in r["losses"])
+    badam = results["badam"]
+    summary = {
+        "data": str(data_path),
+        "num_train_records": len(keep),
+        "num_dropped_records": len(records) - len(keep),
+        "cutoff_len": cutoff_len,
+        "vocab_size": len(tokenizer),
+        "model": model,
+        "random_init": True,
+        "num_parameters": badam["num_parameters"],
+        "steps": steps,
+        "batch_size": batch_size,
+        "warmup_steps": warmup_steps,
+        "switch_every": switch_every,
+        "switch_mode": switch_mode,
+        "num_blocks": badam["num_blocks"],
+        "block_names": badam["block_names"],
+        "badam_switch_steps": _switch_steps(badam),
+        "seed": seed,
+        "threads": threads,
+        "window": w,
+        "isolated": isolate,
+        "methods": list(methods),
+        "total_time_s": total,
+        "results": results,
+        "out_dir": str(out.resolve()),
+    }
+    _plot(out / "convergence.png", summary)
+    md = _results_md(summary)
+    (out / "results.md").write_text(md, encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if verbose:
+        print()
+        print(md.split("![loss curves]")[0].rstrip())
+        print(f"\n[convergence] wrote {out.resolve()}/convergence.png, results.json, results.md")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(DEFAULT_DATA), help=f"Alpaca JSON/JSONL (default: {DEFAULT_DATA})")
+    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: benchmarks/results/convergence)")
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--max-records", type=int, default=None)
+    p.add_argument("--cutoff-len", type=int, default=256)
+    p.add_argument("--vocab-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every method (default 2e-3)")
+    p.add_argument("--lora-lr", type=float, default=None, help="LoRA's own peak learning rate (default: --lr)")
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--switch-every", type=int, default=25, help="BAdam's K (default 25)")
+    p.add_argument("--switch-mode", default="descending", choices=["ascending", "descending", "random"])
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--include-embedding", action="store_true", help="give BAdam the embeddings as a block too")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    p.add_argument("--window", type=int, default=20, help="steps averaged for the first/final loss")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--no-isolate", action="store_true", help="run every method in this process")
+    args = p.parse_args(argv)
+    if args.steps < 1:
+        p.error("--steps must be >= 1")
+    if not Path(args.data).expanduser().exists():
+        print(f"[convergence] {args.data}: no such file; nothing to do (pass --data PATH).", file=sys.stderr)
+        return 2
+    run_convergence(
+        args.data,
+        args.out,
+        steps=args.steps,
+        max_records=args.max_records,
+        cutoff_len=args.cutoff_len,
+        vocab_size=args.vocab_size,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lora_lr=args.lora_lr,
+        warmup_steps=args.warmup_steps,
+        switch_every=args.switch_every,
+        switch_mode=args.switch_mode,
+        hidden_size=args.hidden_size,
+        num_layers=args.num_layers,
+        include_embedding=args.include_embedding,
+        seed=args.seed,
+        threads=args.threads,
+        window=args.window,
+        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        isolate=not args.no_isolate,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
