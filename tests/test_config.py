@@ -152,3 +152,11 @@ def test_training_arguments_accept_good_optim_args(tmp_path):
 def test_include_flags_with_explicit_target_modules_are_an_error():
     with pytest.raises(BAdamConfigError, match="do not combine with target_modules"):
         BAdamConfig.from_optim_args("include_embedding=true", ["model.layers.0"])
+
+
+def test_trl_config_accepts_badam_and_checks_its_args(tmp_path):
+    trl = pytest.importorskip("trl")
+    cfg = trl.SFTConfig(output_dir=str(tmp_path), optim="badam", optim_args="switch_every=5", report_to="none", use_cpu=True)
+    assert cfg.optim == "badam"
+    with pytest.raises(BAdamConfigError, match="switch_every=0"):
+        trl.SFTConfig(output_dir=str(tmp_path), optim="badam", optim_args="switch_every=0", report_to="none", use_cpu=True)

@@ -18,11 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "convergence.py"
 DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 
-pytestmark = pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} is absent")
+needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} is absent")
 
 STEPS, SWITCH_EVERY = 24, 4
 
 
+@needs_data
 def test_convergence_tiny(tmp_path):
     out = tmp_path / "conv"
     cmd = [
