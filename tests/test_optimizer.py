@@ -10,52 +10,11 @@ import weakref
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    get_cosine_schedule_with_warmup,
-    get_linear_schedule_with_warmup,
-)
+from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
+from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
 from badam_hf.config import BAdamConfigError
 from badam_hf.optimizer import BlockOptimizer
-
-VOCAB = 64
-
-
-# --- tiny models and data ---------------------------------------------------------------------------
-
-
-def tiny_llama(layers: int = 4, dtype=torch.float32, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).to(dtype)
-
-
-def tiny_qwen2(layers: int = 4, dtype=torch.float32, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return Qwen2ForCausalLM(cfg).to(dtype)
-
-
-def tiny_gpt2(layers: int = 4, dtype=torch.float32, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(cfg).to(dtype)
-
 
 BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
 LAYER_PREFIX = {"llama": "model.layers.", "qwen2": "model.layers.", "gpt2": "transformer.h."}
@@ -599,7 +558,7 @@ def test_config_and_flat_kwargs_together_are_refused():
 
 
 def test_always_active_head_keeps_master_and_moments_across_switches():
-    from transformers import LlamaForSequenceClassification
+    from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
     cfg = LlamaConfig(

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Trainer
+from tiny_models import VOCAB, tiny_llama
+from transformers import Trainer
 
 from badam_hf.config import BAdamConfigError
 from badam_hf.optimizer import BlockOptimizer
-
-VOCAB = 64
-
-
-def tiny_llama(layers: int = 4, dtype=torch.float32, seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg).to(dtype)
 
 
 def batch(seed: int, bs: int = 2, seq: int = 8) -> torch.Tensor:
