@@ -2,7 +2,7 @@ PYTHON ?= python3
 # The CPU wheel of torch: an unpinned torch would pull several GB of CUDA packages on a machine without a GPU.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: install test demo bench
+.PHONY: install test demo bench convergence
 
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_CPU)"
@@ -20,3 +20,7 @@ demo: install
 # writes benchmarks/results/<shape>/. On a GPU: make bench BENCH_ARGS="--shape llama3-8b".
 bench: install
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
+
+# BAdam vs AdamW vs LoRA loss curves on ../shared/data/alpaca_en_demo.json; writes benchmarks/results/convergence/
+convergence: install
+	$(PYTHON) benchmarks/convergence.py $(CONVERGENCE_ARGS)

@@ -222,6 +222,12 @@ def _results_md(s: dict) -> str:
         "each step's batch, so it is noisy.",
         "- BAdam's trainable parameters are those of the whole model, one block at a time; its optimizer state "
         "is the largest seen after any step (the active block's Adam moments only).",
+        "- Per step BAdam updates one block (about 1/" + str(s["num_blocks"]) + " of the model) where AdamW updates "
+        "all of it, and " + ("its blocks include the input embeddings" if s["include_embedding"] else
+        "the input embeddings are not among its blocks (the paper's default), so they stay at their random "
+        "values; `--include-embedding` gives them a block") + ". From random initialisation that costs BAdam "
+        "loss per step against AdamW; it is cheaper per step (backward stops at the active block) and holds "
+        "optimizer state for one block only.",
         "- LoRA on a randomly initialised base learns little: the embeddings, the head and every other weight stay "
         "at their random values, only low-rank updates to q_proj and v_proj are trained. Its flat curve is the "
         "expected result of that setting, not a verdict on LoRA with a pretrained model.",
@@ -335,6 +341,7 @@ def run_convergence(
         "switch_mode": switch_mode,
         "num_blocks": badam["num_blocks"],
         "block_names": badam["block_names"],
+        "include_embedding": include_embedding,
         "badam_switch_steps": _switch_steps(badam),
         "seed": seed,
         "threads": threads,
