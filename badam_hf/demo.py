@@ -103,6 +103,15 @@ def _train_one(method: str, job: dict) -> dict:
     config = LlamaConfig(vocab_size=job["vocab_size"], pad_token_id=job["pad_token_id"], **job["model"])
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
+    if method == "lora":  # used by benchmarks/convergence.py: rank 8 on q/v, as in the paper
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
+        )
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lr = job["lr"][method] if isinstance(job["lr"], dict) else job["lr"]
 
     peak_state = {"bytes": 0}
 
@@ -118,7 +127,7 @@ def _train_one(method: str, job: dict) -> dict:
         output_dir=scratch.name,
         max_steps=job["steps"],
         per_device_train_batch_size=job["batch_size"],
-        learning_rate=job["lr"],
+        learning_rate=lr,
         lr_scheduler_type="cosine",
         warmup_steps=job["warmup_steps"],
         weight_decay=0.0,
@@ -157,24 +166,26 @@ def _train_one(method: str, job: dict) -> dict:
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h and "step" in h]
-    blocks = [h.get("badam/active_block") for h in trainer.state.log_history if "loss" in h]
+    logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     result: dict[str, Any] = {
         "method": method,
-        "losses": losses,
-        "active_blocks": blocks if method == "badam" else None,
+        "lr": lr,
+        "steps": [h["step"] for h in logged],
+        "losses": [h["loss"] for h in logged],
+        "active_blocks": [h.get("badam/active_block") for h in logged] if method == "badam" else None,
         "wall_time_s": wall,
         "peak_rss_mb": _peak_rss_kb() / 1024,
         "rss_growth_mb": (_peak_rss_kb() - rss_before) / 1024,
         "optimizer_state_bytes": peak_state["bytes"],
         "num_parameters": n_params,
+        "trainable_parameters": n_trainable,
     }
     if method == "badam":
         from .trainer import unwrap_optimizer
 
         opt = unwrap_optimizer(trainer.optimizer)
         result["num_blocks"] = opt.num_blocks
-        result["block_names"] = opt.partition.names
+        result["block_names"] = list(opt.partition.names)
     scratch.cleanup()
     return result
 

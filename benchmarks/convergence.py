@@ -26,12 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import sys
-import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without an installed package
@@ -39,121 +36,19 @@ if str(REPO) not in sys.path:  # run as a script from anywhere, without an insta
 
 from badam_hf.data import (  # noqa: E402
     IGNORE_INDEX,
-    SFTCollator,
-    SFTDataset,
     alpaca_texts,
     build_local_tokenizer,
     load_alpaca_json,
     tokenize_sft,
 )
-from badam_hf.demo import _optimizer_state_bytes, _peak_rss_kb, _window_mean  # noqa: E402
+# One training run per method, each in a fresh process: the demo's worker (it also knows LoRA).
+from badam_hf.demo import _run_isolated as _run, _window_mean  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "convergence"
 METHODS = ("badam", "adamw", "lora")
 NAMES = {"badam": "BAdam", "adamw": "AdamW", "lora": "LoRA r=8 (q,v)"}
 STYLES = {"badam": "-", "adamw": "--", "lora": "-."}
-
-
-def _train_one(method: str, job: dict) -> dict:
-    """One training run (in a process of its own when isolated): its per-step losses and measurements."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback, ProgressCallback
-
-    from badam_hf import BAdamConfig, BAdamTrainer, PartitionConfig, ScheduleConfig
-
-    torch.set_num_threads(job["threads"])
-    torch.manual_seed(job["seed"])  # the same initial weights for every method
-    config = LlamaConfig(vocab_size=job["vocab_size"], pad_token_id=job["pad_token_id"], **job["model"])
-    model = LlamaForCausalLM(config)
-    n_params = sum(p.numel() for p in model.parameters())
-    if method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-        )
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    peak_state = {"bytes": 0}
-
-    class StateBytes(TrainerCallback):
-        def on_step_end(self, args, state, control, optimizer=None, **kwargs):
-            if optimizer is not None:
-                peak_state["bytes"] = max(peak_state["bytes"], _optimizer_state_bytes(optimizer))
-
-    scratch = tempfile.TemporaryDirectory(prefix=f"badam_convergence_{method}_")
-    args = TrainingArguments(
-        output_dir=scratch.name,
-        max_steps=job["steps"],
-        per_device_train_batch_size=job["batch_size"],
-        learning_rate=job["lr"][method],
-        lr_scheduler_type="cosine",
-        warmup_steps=job["warmup_steps"],
-        weight_decay=0.0,
-        optim="adamw_torch",
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=job["seed"],
-        data_seed=job["seed"],  # the same shuffle, hence the same batches, for every method
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-        log_level="error",
-    )
-    common = dict(
-        model=model,
-        args=args,
-        train_dataset=SFTDataset(job["features"]),
-        data_collator=SFTCollator(job["pad_token_id"]),
-        callbacks=[StateBytes()],
-    )
-    if method == "badam":
-        badam = BAdamConfig(
-            partition=PartitionConfig(**job["partition"]),
-            schedule=ScheduleConfig(switch_every=job["switch_every"], switch_mode=job["switch_mode"], seed=job["seed"]),
-        )
-        trainer = BAdamTrainer(badam_config=badam, **common)
-    else:
-        trainer = Trainer(**common)
-    trainer.remove_callback(PrinterCallback)
-    trainer.remove_callback(ProgressCallback)
-
-    start = time.perf_counter()
-    trainer.train()
-    wall = time.perf_counter() - start
-    logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
-    result: dict[str, Any] = {
-        "method": method,
-        "lr": job["lr"][method],
-        "steps": [h["step"] for h in logged],
-        "losses": [h["loss"] for h in logged],
-        "wall_time_s": wall,
-        "peak_rss_mb": _peak_rss_kb() / 1024,
-        "optimizer_state_bytes": peak_state["bytes"],
-        "num_parameters": n_params,
-        "trainable_parameters": n_trainable,
-    }
-    if method == "badam":
-        from badam_hf.trainer import unwrap_optimizer
-
-        opt = unwrap_optimizer(trainer.optimizer)
-        result["active_blocks"] = [h.get("badam/active_block") for h in logged]
-        result["num_blocks"] = opt.num_blocks
-        result["block_names"] = list(opt.partition.names)
-    scratch.cleanup()
-    return result
-
-
-def _run(method: str, job: dict, isolate: bool) -> dict:
-    if not isolate:
-        return _train_one(method, job)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_train_one, (method, job))
 
 
 def _switch_steps(result: dict) -> list[int]:
