@@ -265,6 +265,27 @@ def _report_md(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def prepare_training(records: list[dict], vocab_size: int, cutoff_len: int, hidden_size: int, num_layers: int):
+    """Tokenizer, features and a small Llama shape for `records`: (tokenizer, features, dropped, model)."""
+    tokenizer = build_local_tokenizer(alpaca_texts(records), vocab_size)
+    features = tokenize_sft(records, tokenizer, cutoff_len)
+    # A record whose prompt fills the whole cutoff has no trained token left: leave it out.
+    keep = [i for i, labels in enumerate(features["labels"]) if any(t != IGNORE_INDEX for t in labels)]
+    if not keep:
+        raise ValueError(f"every record's prompt is longer than cutoff_len={cutoff_len}; raise cutoff_len.")
+    features = {k: [v[i] for i in keep] for k, v in features.items()}
+    model = dict(
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max(cutoff_len, 64),
+        tie_word_embeddings=False,
+    )
+    return tokenizer, features, len(records) - len(keep), model
+
+
 def run_demo(
     out_dir: str | Path = "badam_demo",
     steps: int = 500,
@@ -309,23 +330,7 @@ def run_demo(
     if not records:
         raise ValueError("no records to train on.")
 
-    tokenizer = build_local_tokenizer(alpaca_texts(records), vocab_size)
-    features = tokenize_sft(records, tokenizer, cutoff_len)
-    # A record whose prompt fills the whole cutoff has no trained token left: leave it out.
-    keep = [i for i, labels in enumerate(features["labels"]) if any(t != IGNORE_INDEX for t in labels)]
-    if not keep:
-        raise ValueError(f"every record's prompt is longer than cutoff_len={cutoff_len}; raise cutoff_len.")
-    dropped = len(records) - len(keep)
-    features = {k: [v[i] for i in keep] for k, v in features.items()}
-    model = dict(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max(cutoff_len, 64),
-        tie_word_embeddings=False,
-    )
+    tokenizer, features, dropped, model = prepare_training(records, vocab_size, cutoff_len, hidden_size, num_layers)
     job = dict(
         features=features,
         vocab_size=len(tokenizer),
@@ -356,7 +361,7 @@ def run_demo(
         r["final_loss"] = _window_mean(r["losses"], w, tail=True)
     summary = {
         "data": data_name,
-        "num_train_records": len(keep),
+        "num_train_records": len(features["input_ids"]),
         "num_dropped_records": dropped,
         "cutoff_len": cutoff_len,
         "vocab_size": len(tokenizer),

@@ -34,15 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without an installed package
     sys.path.insert(0, str(REPO))
 
-from badam_hf.data import (  # noqa: E402
-    IGNORE_INDEX,
-    alpaca_texts,
-    build_local_tokenizer,
-    load_alpaca_json,
-    tokenize_sft,
-)
+from badam_hf.data import load_alpaca_json  # noqa: E402
 # One training run per method, each in a fresh process: the demo's worker (it also knows LoRA).
-from badam_hf.demo import _run_isolated as _run, _window_mean  # noqa: E402
+from badam_hf.demo import _run_isolated as _run, _window_mean, prepare_training  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "convergence"
@@ -174,21 +168,7 @@ def run_convergence(
         raise ValueError(f"{data_path} has no records.")
 
     t0 = time.perf_counter()
-    tokenizer = build_local_tokenizer(alpaca_texts(records), vocab_size)
-    features = tokenize_sft(records, tokenizer, cutoff_len)
-    keep = [i for i, labels in enumerate(features["labels"]) if any(t != IGNORE_INDEX for t in labels)]
-    if not keep:
-        raise ValueError(f"every record's prompt is longer than cutoff_len={cutoff_len}; raise cutoff_len.")
-    features = {k: [v[i] for i in keep] for k, v in features.items()}
-    model = dict(
-        hidden_size=hidden_size,
-        intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max(cutoff_len, 64),
-        tie_word_embeddings=False,
-    )
+    tokenizer, features, dropped, model = prepare_training(records, vocab_size, cutoff_len, hidden_size, num_layers)
     job = dict(
         features=features,
         vocab_size=len(tokenizer),
@@ -222,8 +202,8 @@ def run_convergence(
     badam = results["badam"]
     summary = {
         "data": str(data_path),
-        "num_train_records": len(keep),
-        "num_dropped_records": len(records) - len(keep),
+        "num_train_records": len(features["input_ids"]),
+        "num_dropped_records": dropped,
         "cutoff_len": cutoff_len,
         "vocab_size": len(tokenizer),
         "model": model,
