@@ -137,15 +137,6 @@ def install_step_guard(optimizer) -> None:
 # --- DDP ------------------------------------------------------------------------------------------------
 
 
-def _block_optimizer(optimizer):
-    """The BlockOptimizer inside accelerate's AcceleratedOptimizer (or any `.optimizer` wrapper)."""
-    for _ in range(5):
-        if optimizer is None or hasattr(optimizer, "switch_hooks"):
-            return optimizer
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
-
-
 def _check_ddp_internals(ddp) -> None:
     missing = [a for a in _DDP_METHODS if not callable(getattr(ddp, a, None))]
     missing += [a for a in _DDP_ATTRIBUTES if not hasattr(ddp, a)]
@@ -238,7 +229,9 @@ def attach_ddp(ddp_module, optimizer, check_agreement: bool = True) -> DDPBlockS
     """
     from torch.nn.parallel import DistributedDataParallel
 
-    opt = _block_optimizer(optimizer)
+    from .optimizer import unwrap_optimizer  # optimizer.py imports this module
+
+    opt = unwrap_optimizer(optimizer)
     if opt is None:
         raise TypeError(f"attach_ddp needs a badam_hf BlockOptimizer, got {type(optimizer).__name__}.")
     if not isinstance(ddp_module, DistributedDataParallel):
@@ -269,7 +262,9 @@ def attach_wrapped_model(wrapped, optimizer) -> DDPBlockSync | None:
     """Trainer glue: attach the Trainer's wrapped model if it is DDP, refuse FSDP / DeepSpeed."""
     from torch.nn.parallel import DistributedDataParallel
 
-    opt = _block_optimizer(optimizer)
+    from .optimizer import unwrap_optimizer  # optimizer.py imports this module
+
+    opt = unwrap_optimizer(optimizer)
     if opt is None or wrapped is None:
         return None
     if isinstance(wrapped, DistributedDataParallel):

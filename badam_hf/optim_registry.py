@@ -56,7 +56,7 @@ def _badam_handler(ctx):
 
 
 def _validate_training_args(args) -> None:
-    if str(getattr(args, "optim", "")) == OPTIM_NAME or getattr(args, "optim", None) == OPTIM_NAME:
+    if getattr(args, "optim", None) == OPTIM_NAME:  # OptimizerNames is a str enum: the member equals "badam"
         BAdamConfig.from_optim_args(args.optim_args, args.optim_target_modules)
 
 

@@ -342,3 +342,12 @@ class BlockOptimizer(torch.optim.Optimizer):
             if moments:
                 inner_sd["state"][position[id(self._target(self._names[int(i)]))]] = moments
         self.inner.load_state_dict(inner_sd)
+
+
+def unwrap_optimizer(optimizer) -> BlockOptimizer | None:
+    """The BlockOptimizer inside accelerate's AcceleratedOptimizer (or any `.optimizer` wrapper)."""
+    for _ in range(5):
+        if optimizer is None or isinstance(optimizer, BlockOptimizer):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None

@@ -9,24 +9,14 @@ block is a pure function of the optimizer's step count; the callback keeps that 
 from __future__ import annotations
 
 import weakref
-from typing import Any
 
 from transformers import Trainer, TrainerCallback
 
 from .config import BAdamConfig
 from .distributed import attach_wrapped_model
-from .optimizer import BlockOptimizer, check_model
+from .optimizer import BlockOptimizer, check_model, unwrap_optimizer  # noqa: F401  (re-exported)
 from .partition import partition_model
 from .schedule import BlockSchedule
-
-
-def unwrap_optimizer(optimizer) -> Any:
-    """The BlockOptimizer inside accelerate's AcceleratedOptimizer (or any `.optimizer` wrapper)."""
-    seen = 0
-    while optimizer is not None and not isinstance(optimizer, BlockOptimizer) and seen < 4:
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return optimizer if isinstance(optimizer, BlockOptimizer) else None
 
 
 def block_optimizer_from_args(
