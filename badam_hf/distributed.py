@@ -1,4 +1,7 @@
-"""Distributed glue: BAdam under multi-process DistributedDataParallel (DDP).
+"""Distributed glue: engine detection and refusals, and BAdam under DistributedDataParallel (DDP).
+
+FSDP2 lives in `badam_hf.fsdp`, DeepSpeed ZeRO-3 in `badam_hf.deepspeed_zero3`; this module decides which
+one a model is under and refuses what cannot train correctly.
 
 DDP registers its gradient all-reduce hooks only for the parameters that require grad when it builds
 its reducer. BAdam toggles `requires_grad` at every block switch, so a block unfrozen later would never be
@@ -22,9 +25,9 @@ the reducer at once; a DDP wrapped after it alone would only ever see the first 
 Hugging Face Trainer (`BAdamTrainer`, `make_badam_trainer(...)` or `--optim badam`) under torchrun or
 `accelerate launch`: nothing to do; the `BAdamCallback` attaches the Trainer's DDP model at train begin.
 
-Not supported (refused, in any number of processes): FSDP / FSDP2 and DeepSpeed, which shard or flatten
-parameters and optimizer groups at wrap time. In more than one process, a BlockOptimizer built before
-`init_process_group` is refused, and one whose model was never attached to a DDP wrapper refuses its
+Not supported (refused, in any number of processes): FSDP version 1, which flattens parameters into one
+buffer per wrapped module at wrap time. In more than one process, a BlockOptimizer built before
+`init_process_group` is refused, and one whose model was never attached to an engine's sync refuses its
 first step. Every rank must use the same BAdam settings; `attach_ddp` checks at each switch (one tiny
 all-reduce) that all ranks train the same block.
 """
@@ -61,8 +64,8 @@ def _class_names(obj) -> set[str]:
     return {c.__name__ for c in type(obj).__mro__}
 
 
-def unsupported_engine(model: nn.Module | None) -> str | None:
-    """'FSDP', 'FSDP2' or 'DeepSpeed' when `model` (a wrapper or the inner model) is under one, else None."""
+def engine_of(model: nn.Module | None) -> str | None:
+    """'FSDP' (version 1), 'FSDP2' or 'DeepSpeed' when `model` (a wrapper or the inner model) is under one."""
     if model is None:
         return None
     if "DeepSpeedEngine" in _class_names(model):
@@ -84,25 +87,47 @@ def _engine_from_environment() -> str | None:
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
         return "DeepSpeed"
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return "FSDP"
+        from .fsdp import accelerate_fsdp_plugin, accelerate_state_ready
+
+        plugin = accelerate_fsdp_plugin()  # the Trainer's fsdp_config sets no FSDP_VERSION variable
+        if plugin is not None:
+            return "FSDP2" if getattr(plugin, "fsdp_version", 1) == 2 else "FSDP"
+        if accelerate_state_ready():
+            return None  # accelerate chose no FSDP (it falls back to DDP on CPU)
+        return "FSDP2" if os.environ.get("FSDP_VERSION", "1") == "2" else "FSDP"
     return None
+
+
+def unsupported_engine(model: nn.Module | None) -> str | None:
+    """The engine of `model` (or of the launch environment) when BAdam cannot train under it, else None."""
+    engine = engine_of(model) or _engine_from_environment()
+    return engine if engine == "FSDP" else None
 
 
 def _refuse_engine(engine: str) -> None:
     raise DistributedSetupError(
-        f"BAdam does not support {engine}: it shards or flattens the parameters and optimizer groups when it "
-        "wraps the model, so the block switches (which change which parameters train) would be silently lost "
-        "or desynchronised. Use DistributedDataParallel (the Trainer's default under torchrun / accelerate "
-        "launch without an FSDP or DeepSpeed config), or one process."
+        f"BAdam does not support {engine} (FSDP version 1): it flattens each wrapped module's parameters into "
+        "one buffer when it wraps the model, so the block switches (which change which parameters train) would "
+        "be silently lost or desynchronised. Use FSDP2 (accelerate config `fsdp_version: 2`, or "
+        "torch.distributed.fsdp.fully_shard + badam_hf.fsdp.attach_fsdp2), DistributedDataParallel, or one "
+        "process."
     )
 
 
 def check_engine(model: nn.Module) -> None:
-    """Called when a BlockOptimizer is built, before it changes the model: refuse FSDP and DeepSpeed, and
-    more than one process without an initialised process group (so no DDP wrapper can follow)."""
-    engine = unsupported_engine(model) or _engine_from_environment()
+    """Called when a BlockOptimizer is built, before it changes the model: refuse FSDP version 1, and more
+    than one process without an initialised process group (so no DDP / FSDP2 glue can follow)."""
+    engine = unsupported_engine(model)
     if engine is not None:
         _refuse_engine(engine)
+    if _engine_from_environment() == "FSDP2":
+        from .fsdp import check_accelerate_mixed_precision
+
+        check_accelerate_mixed_precision(model)
+    if (engine_of(model) or _engine_from_environment()) == "DeepSpeed":
+        from .deepspeed_zero3 import check_construction  # ZeRO-3 only, tested versions, no "optimizer" block
+
+        check_construction(model)
     n = world_size()
     if n > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise DistributedSetupError(
@@ -120,18 +145,40 @@ def install_step_guard(optimizer) -> None:
     """Refuse the first step in more than one process unless the optimizer was attached to a DDP wrapper."""
 
     def guard(opt, args, kwargs):
-        if getattr(opt, "_badam_ddp", None) is None and world_size() > 1:
+        if getattr(opt, "_badam_sync", None) is None and world_size() > 1:
             raise DistributedSetupError(
-                f"BAdam is running in {world_size()} processes but its model was not attached to a "
-                "DistributedDataParallel wrapper. DDP only synchronises the parameters that required grad when "
-                "it built its reducer, and BAdam changes them at every block switch, so the ranks would "
-                "silently diverge. Wrap the model and call `badam_hf.distributed.attach_ddp(ddp_model, "
-                "optimizer)` before training (the Hugging Face Trainer does this by itself through "
-                "BAdamCallback)."
+                f"BAdam is running in {world_size()} processes but its model was not attached to a distributed "
+                "engine. DDP only synchronises the parameters that required grad when it built its reducer, and "
+                "BAdam changes them at every block switch, so the ranks would silently diverge. Wrap the model "
+                "and call `badam_hf.distributed.attach_ddp(ddp_model, optimizer)` (DistributedDataParallel) or "
+                "`badam_hf.fsdp.attach_fsdp2(model, optimizer)` (fully_shard) or "
+                "`badam_hf.deepspeed_zero3.attach_deepspeed(engine, optimizer)` (DeepSpeed ZeRO-3) before training "
+                "(the Hugging Face Trainer does this by itself through BAdamCallback)."
             )
         handle.remove()
 
     handle = optimizer.register_step_pre_hook(guard)
+
+
+def check_same_block(opt, group=None) -> None:
+    """All ranks must train the same block; a mismatch (e.g. different seeds) would hang or diverge."""
+    device = local_device(opt, group)
+    t = torch.tensor([opt.active_block, -opt.active_block], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    if int(t[0]) != -int(t[1]):
+        raise DistributedSetupError(
+            f"the ranks train different blocks (this rank: {opt.active_block}, range over ranks: "
+            f"{-int(t[1])}..{int(t[0])}); give every rank the same BAdam settings (switch_mode, seed, "
+            "start_block) and the same step count."
+        )
+
+
+def local_device(opt, group=None) -> torch.device:
+    """Where a small collective of this group can run (NCCL needs CUDA tensors)."""
+    device = next(iter(opt._params.values())).device
+    if torch.distributed.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 # --- DDP ------------------------------------------------------------------------------------------------
@@ -175,21 +222,6 @@ class DDPBlockSync:
         self.last_rebuild_ms = 0.0
         self.total_rebuild_ms = 0.0
 
-    def _check_same_block(self, opt) -> None:
-        """All ranks must train the same block; a mismatch (e.g. different seeds) would hang or diverge."""
-        group = self.ddp.process_group
-        device = next(iter(opt._params.values())).device
-        if torch.distributed.get_backend(group) == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        t = torch.tensor([opt.active_block, -opt.active_block], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
-        if int(t[0]) != -int(t[1]):
-            raise DistributedSetupError(
-                f"the ranks train different blocks (this rank: {opt.active_block}, range over ranks: "
-                f"{-int(t[1])}..{int(t[0])}); give every rank the same BAdam settings (switch_mode, seed, "
-                "start_block) and the same step count."
-            )
-
     def rebuild(self) -> None:
         ddp = self.ddp
         start = time.perf_counter()
@@ -217,7 +249,7 @@ class DDPBlockSync:
 
     def __call__(self, opt) -> None:
         if self.check_agreement and torch.distributed.is_initialized() and world_size() > 1:
-            self._check_same_block(opt)
+            check_same_block(opt, self.ddp.process_group)
         self.rebuild()
 
 
@@ -235,12 +267,11 @@ def attach_ddp(ddp_module, optimizer, check_agreement: bool = True) -> DDPBlockS
     if opt is None:
         raise TypeError(f"attach_ddp needs a badam_hf BlockOptimizer, got {type(optimizer).__name__}.")
     if not isinstance(ddp_module, DistributedDataParallel):
-        engine = unsupported_engine(ddp_module)
-        if engine is not None:
-            _refuse_engine(engine)
+        if unsupported_engine(ddp_module) is not None:
+            _refuse_engine("FSDP")
         raise TypeError(f"attach_ddp needs a DistributedDataParallel module, got {type(ddp_module).__name__}.")
-    current = getattr(opt, "_badam_ddp", None)
-    if current is not None and current.ddp is ddp_module:
+    current = getattr(opt, "_badam_sync", None)
+    if isinstance(current, DDPBlockSync) and current.ddp is ddp_module:
         return current
     wrapped = {id(p) for p in ddp_module.module.parameters()}
     if not all(id(p) in wrapped for p in opt._params.values()):
@@ -249,17 +280,23 @@ def attach_ddp(ddp_module, optimizer, check_agreement: bool = True) -> DDPBlockS
             "same model object the optimizer was built on."
         )
     _check_ddp_internals(ddp_module)
-    if current is not None:  # re-attached to a new wrapper (e.g. a second train() call)
+    return install_sync(opt, DDPBlockSync(ddp_module, check_agreement=check_agreement))
+
+
+def install_sync(opt, sync):
+    """Make `sync` the optimizer's engine hook, replacing an earlier one (re-attached to a new wrapper, e.g.
+    by a second train() call), and run it once now for the block that is active."""
+    current = getattr(opt, "_badam_sync", None)
+    if current in opt.switch_hooks:
         opt.switch_hooks.remove(current)
-    sync = DDPBlockSync(ddp_module, check_agreement=check_agreement)
     sync(opt)
     opt.switch_hooks.append(sync)
-    opt._badam_ddp = sync
+    opt._badam_sync = sync
     return sync
 
 
-def attach_wrapped_model(wrapped, optimizer) -> DDPBlockSync | None:
-    """Trainer glue: attach the Trainer's wrapped model if it is DDP, refuse FSDP / DeepSpeed."""
+def attach_wrapped_model(wrapped, optimizer):
+    """Trainer glue: attach the Trainer's wrapped model to its engine's sync (DDP or FSDP2); refuse FSDP1."""
     from torch.nn.parallel import DistributedDataParallel
 
     from .optimizer import unwrap_optimizer  # optimizer.py imports this module
@@ -269,6 +306,14 @@ def attach_wrapped_model(wrapped, optimizer) -> DDPBlockSync | None:
         return None
     if isinstance(wrapped, DistributedDataParallel):
         return attach_ddp(wrapped, opt)
+    if engine_of(wrapped) == "FSDP2":
+        from .fsdp import attach_fsdp2
+
+        return attach_fsdp2(wrapped, opt)
+    if engine_of(wrapped) == "DeepSpeed":
+        from .deepspeed_zero3 import attach_deepspeed
+
+        return attach_deepspeed(wrapped, opt)
     engine = unsupported_engine(wrapped)
     if engine is not None:
         _refuse_engine(engine)

@@ -1,12 +1,14 @@
 """`--optim badam`: teach transformers a new optimizer name when `badam_hf` is imported.
 
-Four small, idempotent registrations:
+Five small, idempotent registrations:
 1. `OptimizerNames.BADAM = "badam"`, so `TrainingArguments(optim="badam")`, the argparse choices that
    `HfArgumentParser` builds from the enum, `parse_dict`/`parse_yaml_file` and TRL configs accept it.
 2. A handler in transformers' optimizer registry, so a plain `Trainer` builds a `BlockOptimizer`.
 3. A check at the end of `TrainingArguments.__post_init__`, so bad `--optim_args` fail when the
    arguments are parsed, before any model or data is loaded.
 4. After `Trainer.create_optimizer` returns a BlockOptimizer, the `BAdamCallback` is attached.
+5. Under FSDP2, the Trainer's and accelerate's optimizer checkpoint functions save and load a BlockOptimizer
+   as one file per rank (see `badam_hf.fsdp.register_checkpoint_io`).
 """
 
 from __future__ import annotations
@@ -58,6 +60,16 @@ def _badam_handler(ctx):
 def _validate_training_args(args) -> None:
     if getattr(args, "optim", None) == OPTIM_NAME:  # OptimizerNames is a str enum: the member equals "badam"
         BAdamConfig.from_optim_args(args.optim_args, args.optim_target_modules)
+        check_engine_args(args)
+
+
+def check_engine_args(args) -> None:
+    """A DeepSpeed config BAdam cannot train with (e.g. its own "optimizer" block, which would silently
+    replace BAdam) fails with the arguments, before any model is loaded."""
+    if getattr(args, "deepspeed", None):
+        from .deepspeed_zero3 import check_training_args
+
+        check_training_args(args)
 
 
 def _wrap_post_init(cls) -> None:
@@ -97,3 +109,6 @@ def register() -> None:
     trainer_optimizer._OPTIMIZER_HANDLERS[member] = _badam_handler
     _wrap_post_init(TrainingArguments)
     _wrap_create_optimizer(Trainer)
+    from .fsdp import register_checkpoint_io
+
+    register_checkpoint_io()

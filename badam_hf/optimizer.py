@@ -28,30 +28,45 @@ STATE_VERSION = 1
 
 
 # --- functional core: fp32 masters for low-precision weights ---------------------------------------
+# Under FSDP2 a parameter is a DTensor holding this rank's shard; masters, moments and the grads the inner
+# optimizer sees are plain tensors over the local shard, so each rank keeps state for 1/N of the block.
+
+
+def is_sharded(param: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The tensor this rank holds (a DTensor's local shard, which shares its storage), else `t` itself."""
+    return t.to_local() if is_sharded(t) else t
 
 
 def needs_master(param: torch.Tensor) -> bool:
-    return param.dtype != torch.float32
+    # A DTensor always gets a plain local master: the inner optimizer's state then stays per-rank plain
+    # tensors, whatever the weights' dtype (for fp32 weights that costs 4 bytes per local active element).
+    return param.dtype != torch.float32 or is_sharded(param)
 
 
 @torch.no_grad()
 def make_master(param: torch.Tensor) -> torch.Tensor:
-    return param.detach().to(torch.float32, copy=True)
+    return local_shard(param.detach()).to(torch.float32, copy=True)
 
 
 @torch.no_grad()
 def grads_to_masters(params: list[torch.Tensor], masters: list[torch.Tensor]) -> None:
     """Move each low-precision grad up to its master (fp32) and free the low-precision one."""
     for p, m in zip(params, masters):
-        m.grad = None if p.grad is None else p.grad.to(torch.float32)
+        m.grad = None if p.grad is None else local_shard(p.grad).to(torch.float32)
         p.grad = None
 
 
 @torch.no_grad()
 def masters_to_params(params: list[torch.Tensor], masters: list[torch.Tensor]) -> None:
-    """Write the updated masters back into the model's weights and drop the master grads."""
+    """Write the updated masters back into the model's weights (or local shards); drop the master grads."""
     for p, m in zip(params, masters):
-        p.copy_(m)
+        local_shard(p).copy_(m)
         m.grad = None
 
 
@@ -97,6 +112,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         partition: a precomputed `Partition` (default: `partition_model(model, config.partition)`).
     """
 
+    # Set by badam_hf.deepspeed_zero3.attach_deepspeed: DeepSpeed ZeRO-3 then owns the fp32 master partitions
+    # and drives step() once per sub-group; the glue counts real steps and rebuilds ZeRO-3 at each switch.
+    engine_glue = None
+
     def __init__(
         self,
         model: nn.Module,
@@ -114,7 +133,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         if config is not None and config_kwargs:
             raise BAdamConfigError("give either config=BAdamConfig(...) or flat keyword arguments, not both.")
         config = config if config is not None else BAdamConfig.from_flat(config_kwargs, source="BlockOptimizer")
-        check_engine(model)  # FSDP / DeepSpeed: refused before anything changes
+        check_engine(model)  # FSDP version 1 and unsynchronisable setups: refused before anything changes
         check_model(model)
         self.model = model
         self.config = config
@@ -154,6 +173,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.truncation = BackwardTruncation(model, self.partition, enabled=config.truncate_backward)
         outer_groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in self.inner.param_groups]
         super().__init__(outer_groups, dict(self.inner.defaults))
+        self._badam_group_dicts = tuple(self.param_groups)  # an engine may drop empty groups (DeepSpeed does)
         install_step_guard(self)  # >1 process: the first step needs a DDP wrapper attached (attach_ddp)
         self._activate(self.active_block, fresh=True)
 
@@ -185,7 +205,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             if torch.is_tensor(v)
         )
         grads = sum(
-            t.grad.numel() * t.grad.element_size()
+            local_shard(t.grad).numel() * t.grad.element_size()
             for t in list(self._params.values()) + list(self._masters.values())
             if t.grad is not None
         )
@@ -212,7 +232,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         for name in new:
             p = self._params[name]
             p.requires_grad_(True)
-            if needs_master(p) and name not in self._masters:
+            if needs_master(p) and name not in self._masters and self.engine_glue is None:
                 self._masters[name] = make_master(p)
         # Keep the two group dicts (and their list objects): LR schedulers hold on to them.
         for gi, decays in ((0, True), (1, False)):
@@ -224,6 +244,38 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.truncation.update(new)
         for hook in self.switch_hooks:
             hook(self)
+
+    # --- parameters replaced by an engine (accelerate's FSDP2 prepare) ------------------------------
+
+    def _current_parameters(self) -> dict[str, nn.Parameter]:
+        # Wrappers applied in place may add these to the names (activation checkpointing, torch.compile).
+        return {
+            n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p
+            for n, p in self.model.named_parameters()
+        }
+
+    def rebind_parameters(self) -> bool:
+        """Pick up parameters that an engine replaced after this optimizer was built. The Trainer builds the
+        optimizer first and then lets accelerate shard the model in place with FSDP2, which turns every
+        parameter into a new DTensor. The active block then gets fresh masters from the new parameters (this
+        happens before the first step, or before a checkpoint is loaded). Returns whether anything changed."""
+        current = self._current_parameters()
+        if all(current.get(n) is p for n, p in self._params.items()) and len(current) == len(self._params):
+            return False
+        if current.keys() != self._params.keys():
+            missing = sorted(set(self._params) - set(current))[:2]
+            raise BAdamConfigError(
+                f"the model's parameters changed names after the BlockOptimizer was built (e.g. {missing} are gone); "
+                "build the optimizer after wrapping the model."
+            )
+        for name in self._trainable:
+            self.inner.state.pop(self._target(name), None)
+        self._masters.clear()
+        self._params = {n: current[n] for n in self._names}
+        for p in self._params.values():
+            p.requires_grad_(False)
+        self._activate(self.active_block, fresh=True)
+        return True
 
     def seek(self, step: int) -> None:
         """Jump the schedule to `step` optimizer steps done, with fresh state for the block active there."""
@@ -238,6 +290,13 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        if self.engine_glue is not None:  # DeepSpeed ZeRO-3: the engine owns the fp32 masters and the step count
+            return self.engine_glue.client_step(closure)
+        self.rebind_parameters()
+        if any(hasattr(p, "ds_id") for g in self.param_groups for p in g["params"]):
+            from .deepspeed_zero3 import refuse_unattached  # stepped by DeepSpeed without attach_deepspeed
+
+            refuse_unattached(self)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -259,6 +318,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers and tensors only, so `torch.load(weights_only=True)` reads it."""
+        self.rebind_parameters()
         epoch, _, in_block = self.schedule.position(self.global_step)
         state: dict[int, dict[str, Any]] = {}
         for name in self._trainable:
@@ -284,13 +344,24 @@ class BlockOptimizer(torch.optim.Optimizer):
             "switch_mode": self.schedule.mode,
             "block_names": self.partition.names,
             "inner_optimizer": type(self.inner).__name__,
+            "shards": self._shards(),
         }
-        return {"state": state, "param_groups": groups, "badam": badam}
+        out = {"state": state, "param_groups": groups, "badam": badam}
+        if self.engine_glue is not None:  # DeepSpeed ZeRO-3: the inner state lives on its fp32 partitions
+            out["engine"] = self.engine_glue.state_dict()
+        return out
+
+    def _shards(self) -> int:
+        """How many ranks the saved state is split over: the world size under FSDP2, else 1."""
+        if any(is_sharded(p) for p in self._params.values()) and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size()
+        return 1
 
     def _group_names(self, gi: int) -> list[str]:
         return [n for n in self._trainable if (n in self._decay) == (gi == 0)]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.rebind_parameters()
         badam = state_dict.get("badam")
         if badam is None:
             raise ValueError(
@@ -310,6 +381,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         ):
             if badam[key] != mine:
                 raise ValueError(f"the checkpoint was saved with {key}={badam[key]!r} but this run has {key}={mine!r}.")
+        if badam.get("shards", 1) != self._shards():
+            raise ValueError(
+                f"the checkpoint's optimizer state is split over {badam.get('shards', 1)} rank(s) (FSDP2 shards) but "
+                f"this run has {self._shards()}; resume with the same number of processes and the same sharding."
+            )
         step = int(badam["step"])
         block = self.schedule.block_at(step)
         if block != badam["block"]:
@@ -322,6 +398,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         stray = [i for i in state_dict["state"] if self._names[int(i)] not in will_train]
         if stray:
             raise ValueError(f"the checkpoint has optimizer state for inactive parameter {self._names[int(stray[0])]!r}.")
+        if self.engine_glue is not None:  # DeepSpeed ZeRO-3: its part must be there (and fit) before anything changes
+            self.engine_glue.check_state_dict(state_dict)
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.seek(step)
@@ -342,6 +420,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             if moments:
                 inner_sd["state"][position[id(self._target(self._names[int(i)]))]] = moments
         self.inner.load_state_dict(inner_sd)
+        if self.engine_glue is not None:
+            self.engine_glue.load_state_dict(state_dict["engine"])
 
 
 def unwrap_optimizer(optimizer) -> BlockOptimizer | None:

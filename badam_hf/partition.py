@@ -73,7 +73,8 @@ def find_layer_stacks(model: nn.Module) -> list[LayerStack]:
         kinds = {type(child) for child in module}
         if len(kinds) != 1:
             continue
-        numel = sum(p.numel() for p in module.parameters())
+        # ZeRO-3 partitioned parameters are empty here; `ds_numel` keeps their real size.
+        numel = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
         if numel == 0:
             continue
         candidates.append((path, module, numel))

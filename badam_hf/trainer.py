@@ -14,6 +14,7 @@ from transformers import Trainer, TrainerCallback
 
 from .config import BAdamConfig
 from .distributed import attach_wrapped_model
+from .optim_registry import check_engine_args
 from .optimizer import BlockOptimizer, check_model, unwrap_optimizer  # noqa: F401  (re-exported)
 from .partition import partition_model
 from .schedule import BlockSchedule
@@ -82,6 +83,7 @@ class BAdamMixin:
         if badam_config is None:
             badam_config = BAdamConfig.from_optim_args(self.args.optim_args, self.args.optim_target_modules)
         self.badam_config = badam_config
+        check_engine_args(self.args)
         # Fail now, before any data is touched by train(): bad model, bad partition, bad start block.
         check_model(self.model)
         self._badam_partition = (self.model, partition_model(self.model, badam_config.partition))

@@ -60,7 +60,7 @@ def run_ddp(sc, rank, out):
         sync = attach_ddp(ddp, opt)
     else:  # negative control: what happens without the glue (the guard is bypassed on purpose)
         sync = None
-        opt._badam_ddp = "unattached control"
+        opt._badam_sync = "unattached control"
     records = []
     for step in range(sc["steps"]):
         before = params_cpu(model)
@@ -90,7 +90,7 @@ def run_reference(sc, out):
     """One process, no DDP: per step, each rank's (accumulated) gradients are computed in turn and averaged."""
     model = build(sc)
     opt = make_opt(model, sc)
-    opt._badam_ddp = "single-process reference"  # this process is in a 2-rank group: bypass the guard
+    opt._badam_sync = "single-process reference"  # this process is in a 2-rank group: bypass the guard
     for step in range(sc["steps"]):
         grads = []
         for rank in range(WORLD):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import torch
@@ -34,6 +35,20 @@ def batch(tag: int, step: int, micro: int, rank: int, size: int = 2) -> torch.Te
     return torch.randint(0, VOCAB, (size, SEQ), generator=g)
 
 
+class Tokens(torch.utils.data.Dataset):
+    """Random token rows for the Trainer workers (labels = inputs)."""
+
+    def __init__(self, n: int = 64, seed: int = 123):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
 def params_cpu(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
@@ -51,3 +66,14 @@ def finish() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def launch(worker_path: str, out, extra_env: dict | None = None, timeout: int = 180) -> None:
+    """Run a worker under `torchrun --standalone --nproc_per_node 2` (one thread per process); fail with its
+    output if it fails."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(worker_path), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{worker_path} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

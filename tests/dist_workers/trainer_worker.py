@@ -14,24 +14,12 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import SEQ, VOCAB, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+from dist_common import Tokens, finish, params_cpu, tiny_llama, write_json  # noqa: E402
 
 from transformers import Trainer, TrainingArguments, TrainerCallback  # noqa: E402
 
 from badam_hf import BAdamTrainer  # noqa: E402  (importing badam_hf registers --optim badam)
 from badam_hf.trainer import unwrap_optimizer  # noqa: E402
-
-
-class Tokens(torch.utils.data.Dataset):
-    def __init__(self, n: int = 64):
-        g = torch.Generator().manual_seed(123)
-        self.ids = torch.randint(0, VOCAB, (n, SEQ), generator=g)
-
-    def __len__(self):
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
 class BlockLog(TrainerCallback):
@@ -82,7 +70,7 @@ def main():
         trainer = cls(model=model, args=args, train_dataset=Tokens(), callbacks=[log])
         trainer.train()
         opt = unwrap_optimizer(trainer.optimizer)
-        sync = opt._badam_ddp
+        sync = opt._badam_sync
         final = params_cpu(trainer.model)
         torch.save({"initial": initial, "final": final}, os.path.join(out, f"{run['name']}_rank{rank}.pt"))
         write_json(
