@@ -4,9 +4,9 @@ TORCH_CPU ?= torch==2.13.0
 
 .PHONY: install test demo bench convergence
 
+# With the deepspeed extra (an sdist that builds without torch: no CUDA download), so its tests run in CI.
 install:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_CPU)"
-	# The deepspeed extra (an sdist that builds without torch, no CUDA download) so its tests run in CI.
 	$(PYTHON) -m pip install -q -e ".[test,deepspeed]"
 
 test: install

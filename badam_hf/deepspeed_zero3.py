@@ -75,8 +75,8 @@ _ZERO3_METHODS = (
     "_partition_all_parameters",
     "step",
 )
-_ZERO3_ATTRIBUTES = (
-    "optimizer",
+# Per-trainable-set lists that ZeRO-3's __init__ builds; emptied at a switch and built again for the new block.
+_PER_BLOCK_LISTS = (
     "fp16_groups",
     "fp16_partitioned_groups",
     "fp16_partitioned_groups_flat",
@@ -85,9 +85,13 @@ _ZERO3_ATTRIBUTES = (
     "fp32_partitioned_groups_flat",
     "next_swappable_fp32_partitioned_groups",
     "groups_padding",
-    "sub_group_to_group_id",
     "sub_group_process_groups",
     "sub_group_partition_counts",
+)
+_ZERO3_ATTRIBUTES = (
+    "optimizer",
+    *_PER_BLOCK_LISTS,
+    "sub_group_to_group_id",
     "trainable_param_groups",
     "param_dict",
     "params_already_reduced",
@@ -363,18 +367,7 @@ class DeepSpeedBlockSync:
         z._leaf_module_hooks.clear()
         opt.inner.state.clear()
         opt._masters.clear()
-        for name in (
-            "fp16_groups",
-            "fp16_partitioned_groups",
-            "fp16_partitioned_groups_flat",
-            "fp16_partitioned_groups_flat_numel",
-            "fp16_partitioned_groups_flat_id",
-            "fp32_partitioned_groups_flat",
-            "next_swappable_fp32_partitioned_groups",
-            "groups_padding",
-            "sub_group_process_groups",
-            "sub_group_partition_counts",
-        ):
+        for name in _PER_BLOCK_LISTS:
             setattr(z, name, [])
         z.sub_group_to_group_id = {}
         z.param_dict = {}

@@ -30,7 +30,7 @@ from badam_hf.distributed import DistributedSetupError  # noqa: E402
 WORKERS = Path(__file__).parent / "dist_workers"
 CONFIG = Path(__file__).parent.parent / "configs" / "deepspeed_zero3.json"
 sys.path.insert(0, str(WORKERS))
-from dist_common import launch as launch_workers, tiny_llama  # noqa: E402
+from dist_common import launch as launch_workers, load, read, same, tiny_llama  # noqa: E402
 
 # The worker's scenarios: name -> (switch mode, steps, partition granularity, absolute tolerance vs reference).
 SCENARIOS = {
@@ -60,18 +60,6 @@ def trainer_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed_trainer")
     launch("deepspeed_trainer_worker.py", out)
     return out
-
-
-def load(out: Path, name: str):
-    return torch.load(out / f"{name}.pt", weights_only=True)
-
-
-def read(out: Path, name: str):
-    return json.loads((out / f"{name}.json").read_text())
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 def initial_params() -> dict[str, torch.Tensor]:
@@ -266,26 +254,37 @@ def test_untested_deepspeed_version_is_refused_or_warned(monkeypatch):
         check_version("0.20.1")
 
 
-def test_optimizer_block_refused_when_the_arguments_are_parsed(monkeypatch, tmp_path):
+@pytest.fixture
+def hf_deepspeed_args(monkeypatch):
+    """Real TrainingArguments with a DeepSpeed config, in this process: undo the global state they leave
+    (transformers' HfDeepSpeedConfig reference, which makes later models think ZeRO-3 is on; accelerate's
+    shared state; the environment) so the rest of the suite is unaffected."""
+    from accelerate.state import AcceleratorState, PartialState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")  # TrainingArguments sets it; restored afterwards
+    yield {**zero3(), "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, "train_micro_batch_size_per_gpu": "auto"}
+    unset_hf_deepspeed_config()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+def test_optimizer_block_refused_when_the_arguments_are_parsed(hf_deepspeed_args, tmp_path):
     """Through real TrainingArguments (where --optim badam and --deepspeed meet) and BAdamTrainer: the
     Trainer would otherwise silently train with DeepSpeed's optimizer and never build BAdam's."""
     from transformers import TrainingArguments
 
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")  # TrainingArguments sets it; restored afterwards
-    bad = {**zero3(), "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, "train_micro_batch_size_per_gpu": "auto"}
     with pytest.raises(DistributedSetupError, match="BAdam must be the optimizer"):
-        TrainingArguments(output_dir=str(tmp_path), optim="badam", deepspeed=bad, use_cpu=True, report_to="none")
+        TrainingArguments(output_dir=str(tmp_path), optim="badam", deepspeed=hf_deepspeed_args, use_cpu=True,
+                          report_to="none")
 
 
-def test_optimizer_block_refused_by_badam_trainer(monkeypatch, tmp_path):
+def test_optimizer_block_refused_by_badam_trainer(hf_deepspeed_args, tmp_path):
     from transformers import TrainingArguments
 
     from badam_hf import BAdamTrainer
 
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "false")
-    bad = {**zero3(), "optimizer": {"type": "AdamW", "params": {"lr": "auto"}}, "train_micro_batch_size_per_gpu": "auto"}
-    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=bad, use_cpu=True, report_to="none")
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=hf_deepspeed_args, use_cpu=True, report_to="none")
     with pytest.raises(DistributedSetupError, match="BAdam must be the optimizer"):
         BAdamTrainer(model=tiny_llama(0), args=args)

@@ -6,7 +6,6 @@ here compare what the workers wrote. In-process tests cover the refusals and the
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from badam_hf.distributed import DistributedSetupError, attach_ddp, attach_wrapp
 
 WORKERS = Path(__file__).parent / "dist_workers"
 sys.path.insert(0, str(WORKERS))
-from dist_common import batch, tiny_llama  # noqa: E402
+from dist_common import batch, load, read, same, tiny_llama  # noqa: E402
 from dist_common import launch as run_workers  # noqa: E402
 
 BLOCKS = [f"model.layers.{i}." for i in range(4)]
@@ -42,18 +41,6 @@ def trainer_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("trainer")
     launch("trainer_worker.py", out)
     return out
-
-
-def load(out: Path, name: str):
-    return torch.load(out / f"{name}.pt", weights_only=True)
-
-
-def read(out: Path, name: str):
-    return json.loads((out / f"{name}.json").read_text())
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 # --- plain PyTorch loop + attach_ddp ----------------------------------------------------------------

@@ -6,7 +6,6 @@ tests compare what it wrote with a single-process reference that averages the tw
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import torch
 
 WORKERS = Path(__file__).parent / "dist_workers"
 sys.path.insert(0, str(WORKERS))
-from dist_common import launch, tiny_llama  # noqa: E402
+from dist_common import launch, load, read, tiny_llama  # noqa: E402
 
 LAYER = [f"model.layers.{i}." for i in range(4)]
 ORDERS = {  # switch_every=2; ascending/descending revisit the first block after 8 steps
@@ -30,14 +29,6 @@ def out(tmp_path_factory):
     path = tmp_path_factory.mktemp("fsdp")
     launch(WORKERS / "fsdp_worker.py", path)
     return path
-
-
-def load(out: Path, name: str):
-    return torch.load(out / f"{name}.pt", weights_only=True)
-
-
-def read(out: Path, name: str):
-    return json.loads((out / f"{name}.json").read_text())
 
 
 def layer_numel(i: int) -> int:

@@ -22,7 +22,7 @@ from transformers import (
 
 import badam_hf
 from badam_hf import BAdamCallback, BAdamConfig, BAdamConfigError, BAdamTrainer, BlockOptimizer, make_badam_trainer
-from badam_hf.config import PartitionConfig, ScheduleConfig
+from badam_hf.config import ScheduleConfig
 from badam_hf.schedule import BlockSchedule
 from badam_hf.trainer import unwrap_optimizer
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import batch, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, finish, params_cpu, tiny_llama, write_json  # noqa: E402
 
 import deepspeed  # noqa: E402
 
@@ -126,23 +126,9 @@ def run_ds(sc, rank, out):
 
 
 def run_reference(sc, out):
-    """One process, no DeepSpeed: per step, each rank's (accumulated) gradients are averaged by hand."""
+    """One process, no DeepSpeed: each rank's gradients averaged by hand."""
     model = build(sc)
-    opt = make_opt(model, sc)
-    opt._badam_sync = "single-process reference"  # this process is in a 2-rank group: bypass the guard
-    for step in range(sc["steps"]):
-        grads = []
-        for rank in range(WORLD):
-            for micro in range(sc["ga"]):
-                ids = batch(sc["tag"], step, micro, rank)
-                (model(input_ids=ids, labels=ids).loss / sc["ga"]).backward()
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
-            model.zero_grad(set_to_none=True)
-        for n, p in model.named_parameters():
-            if n in grads[0]:
-                p.grad = grads[0][n] / WORLD + grads[1][n] / WORLD
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    averaged_gradient_run(model, make_opt(model, sc), sc["tag"], sc["steps"], sc["ga"])
     torch.save(params_cpu(model), os.path.join(out, f"{sc['name']}_ref.pt"))
 
 

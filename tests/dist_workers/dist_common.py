@@ -49,6 +49,33 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+def averaged_gradient_run(model, opt, tag: int, steps: int, ga: int, reduce=None, world: int = 2) -> None:
+    """The single-process reference of the distributed tests: per step, each rank's (accumulated) gradients
+    are computed in turn and averaged by hand, then the optimizer steps. `reduce`: the dtype gradients are
+    accumulated and averaged in before being stored in the weights' dtype (FSDP2's reduce dtype); None: the
+    weights' dtype (DDP, ZeRO-3)."""
+    opt._badam_sync = "single-process reference"  # this process is in a 2-rank group: bypass the guard
+    for step in range(steps):
+        grads = [{} for _ in range(world)]
+        for rank in range(world):
+            for micro in range(ga):
+                ids = batch(tag, step, micro, rank)
+                (model(input_ids=ids, labels=ids).loss / ga).backward()
+                for n, p in model.named_parameters():
+                    if p.grad is not None:
+                        g = p.grad.to(reduce or p.dtype)
+                        grads[rank][n] = grads[rank][n] + g if n in grads[rank] else g
+                model.zero_grad(set_to_none=True)
+        for n, p in model.named_parameters():
+            if n in grads[0]:
+                total = grads[0][n] / world
+                for g in grads[1:]:
+                    total = total + g[n] / world
+                p.grad = total.to(p.dtype)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
 def params_cpu(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
@@ -77,3 +104,19 @@ def launch(worker_path: str, out, extra_env: dict | None = None, timeout: int = 
            str(worker_path), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{worker_path} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+
+
+# --- reading what the workers wrote (used by the tests) ---------------------------------------------------
+
+
+def load(out, name: str):
+    return torch.load(os.path.join(out, f"{name}.pt"), weights_only=True)
+
+
+def read(out, name: str):
+    with open(os.path.join(out, f"{name}.json")) as f:
+        return json.load(f)
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)

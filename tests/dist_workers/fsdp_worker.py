@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import batch, finish, tiny_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, finish, tiny_llama, write_json  # noqa: E402
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.fsdp import attach_fsdp2  # noqa: E402
@@ -105,30 +105,11 @@ def run_fsdp(sc, rank, out):
 
 
 def run_reference(sc, out):
-    """One process, no FSDP: per step each rank's gradients are computed in turn and averaged in the
-    reduce dtype, then stored in the weights' dtype, as FSDP2 does."""
+    """One process, no FSDP: each rank's gradients averaged by hand in the reduce dtype, then stored in the
+    weights' dtype, as FSDP2 does."""
     model = build(sc, shard=False)
-    opt = make_opt(model, sc)
-    opt._badam_sync = "single-process reference"  # this process is in a 2-rank group: bypass the guard
     reduce = DTYPES[sc["reduce"]] if sc["reduce"] else None
-    for step in range(sc["steps"]):
-        grads = [{}, {}]
-        for rank in range(WORLD):
-            for micro in range(sc["ga"]):
-                ids = batch(sc["tag"], step, micro, rank)
-                (model(input_ids=ids, labels=ids).loss / sc["ga"]).backward()
-                # Under no-sync FSDP2 accumulates the unsharded grads in the reduce dtype.
-                for n, p in model.named_parameters():
-                    if p.grad is not None:
-                        g = p.grad.to(reduce or p.dtype)
-                        grads[rank][n] = grads[rank][n] + g if n in grads[rank] else g
-                model.zero_grad(set_to_none=True)
-        for n, p in model.named_parameters():
-            if n in grads[0]:
-                # FSDP2 reduces in the reduce dtype and stores the sharded grad in the weights' dtype.
-                p.grad = (grads[0][n] / WORLD + grads[1][n] / WORLD).to(p.dtype)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    averaged_gradient_run(model, make_opt(model, sc), sc["tag"], sc["steps"], sc["ga"], reduce=reduce)
     torch.save({n: p.detach().clone() for n, p in model.named_parameters()}, os.path.join(out, f"{sc['name']}_ref.pt"))
 
 
