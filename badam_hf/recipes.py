@@ -583,6 +583,15 @@ def _peak_memory() -> str:
     return f"{peak_bytes / 2**30:.2f} GiB (peak RSS of this process)"
 
 
+def save_final_model(trainer) -> None:
+    """`trainer.save_model()`, which under FSDP with a sharded state dict (the 70B config's) silently writes
+    nothing: gather the full weights for this one final save; checkpoints during training stay sharded."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model()
+
+
 def run(recipe: Recipe, out=None) -> dict:
     """Build and train; save the model to `training.output_dir`; print and return a summary."""
     from .trainer import unwrap_optimizer
@@ -592,7 +601,7 @@ def run(recipe: Recipe, out=None) -> dict:
     built = build(recipe)
     trainer = built.trainer
     result = trainer.train()
-    trainer.save_model()
+    save_final_model(trainer)
     metrics = {}
     if built.eval_size and trainer.args.eval_strategy != "no":
         metrics = trainer.evaluate()
@@ -614,6 +623,8 @@ def run(recipe: Recipe, out=None) -> dict:
         "eval_examples": built.eval_size,
         "eval_metrics": {k: v for k, v in metrics.items() if isinstance(v, (int, float))},
     }
+    if not trainer.is_world_process_zero():
+        return summary  # one summary per run, not one per process
     shown = ", ".join(names) if len(names) <= 6 else f"{', '.join(names[:3])}, ..., {names[-1]}"
     print(f"\nbadam-hf train: {recipe.path}", file=out)
     print(f"  steps:          {steps}", file=out)

@@ -95,6 +95,28 @@ def finish() -> None:
     os._exit(0)
 
 
+def enable_accelerate_fsdp_on_cpu() -> None:
+    """Test-only: accelerate enables FSDP only on GPU-like backends and silently falls back to DDP on CPU.
+    Make every AcceleratorState keep its FSDP plugin on CPU (each new AcceleratorState copies PartialState's
+    MULTI_CPU again, so the patch acts on every construction), so the real FSDP2 path runs on gloo."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and getattr(self, "fsdp_plugin", None) is None:
+            self.fsdp_plugin = fsdp_plugin
+        plugin = getattr(self, "fsdp_plugin", None)
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            if self._mixed_precision != "no" and plugin.mixed_precision_policy is None:
+                plugin.set_mixed_precision(self._mixed_precision)
+
+    AcceleratorState.__init__ = init
+
+
 def launch(worker_path: str, out, extra_env: dict | None = None, timeout: int = 180) -> None:
     """Run a worker under `torchrun --standalone --nproc_per_node 2` (one thread per process); fail with its
     output if it fails."""

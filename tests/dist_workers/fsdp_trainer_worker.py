@@ -14,27 +14,11 @@ import os
 import sys
 
 import torch
-from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedType
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import Tokens, finish, tiny_llama, write_json  # noqa: E402
+from dist_common import Tokens, enable_accelerate_fsdp_on_cpu, finish, tiny_llama, write_json  # noqa: E402
 
-_original_init = AcceleratorState.__init__
-
-
-def _fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
-    _original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
-    if fsdp_plugin is not None and getattr(self, "fsdp_plugin", None) is None:
-        self.fsdp_plugin = fsdp_plugin
-    plugin = getattr(self, "fsdp_plugin", None)
-    if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
-        self.distributed_type = DistributedType.FSDP
-        if self._mixed_precision != "no" and plugin.mixed_precision_policy is None:
-            plugin.set_mixed_precision(self._mixed_precision)
-
-
-AcceleratorState.__init__ = _fsdp_on_cpu
+enable_accelerate_fsdp_on_cpu()
 
 from torch.distributed.tensor import DTensor  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
