@@ -6,8 +6,6 @@ tests compare what it wrote with a single-process reference that averages the tw
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import torch
 
 WORKERS = Path(__file__).parent / "dist_workers"
 sys.path.insert(0, str(WORKERS))
-from dist_common import launch, load, read, tiny_llama  # noqa: E402
+from dist_common import launch, load, read, run_processes, tiny_llama  # noqa: E402
 
 LAYER = [f"model.layers.{i}." for i in range(4)]
 ORDERS = {  # switch_every=2; ascending/descending revisit the first block after 8 steps
@@ -156,13 +154,10 @@ def test_70b_recipe_runs_under_the_shipped_fsdp2_config(tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     config = Path(__file__).resolve().parents[1] / "configs" / "accelerate_fsdp2.yaml"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2",
-           str(WORKERS / "recipe_fsdp_worker.py"), "train", "llama3-70b-mathinstruct",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--num_processes", "2",
+           WORKERS / "recipe_fsdp_worker.py", "train", "llama3-70b-mathinstruct",
            *tiny_overrides("llama3-70b-mathinstruct", tmp_path)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    proc = run_processes(cmd, timeout=300)
     assert proc.stdout.count("badam-hf train:") == 1 and "blocks visited: 2 of 2" in proc.stdout
     out = tmp_path / "out"
     saved = load_file(out / "model.safetensors")

@@ -117,15 +117,20 @@ def enable_accelerate_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
-def launch(worker_path: str, out, extra_env: dict | None = None, timeout: int = 180) -> None:
-    """Run a worker under `torchrun --standalone --nproc_per_node 2` (one thread per process); fail with its
-    output if it fails."""
+def run_processes(cmd: list[str], extra_env: dict | None = None, timeout: int = 180):
+    """Run a multi-process launch (torchrun, accelerate launch) with one thread per process; fail with its
+    output if it fails; return the completed process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(worker_path), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{worker_path} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{cmd[:6]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def launch(worker_path: str, out, extra_env: dict | None = None, timeout: int = 180) -> None:
+    """Run a worker under `torchrun --standalone --nproc_per_node 2`."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", worker_path, out]
+    run_processes(cmd, extra_env, timeout)
 
 
 # --- reading what the workers wrote (used by the tests) ---------------------------------------------------
