@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import averaged_gradient_run, batch, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, error_of, finish, params_cpu, tiny_llama, write_json  # noqa: E402
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.distributed import DistributedSetupError, attach_ddp  # noqa: E402
@@ -103,21 +103,13 @@ def run_guard(rank, out):
         ids = batch(9, 0, 0, rank)
         fwd(input_ids=ids, labels=ids).loss.backward()
         before = params_cpu(model)
-        try:
-            opt.step()
-            result[case] = None
-        except DistributedSetupError as e:
-            result[case] = str(e)
+        result[case] = error_of(opt.step, DistributedSetupError)
         after = params_cpu(model)
         result[case + "_unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
     # Ranks configured differently (start_block differs): attach_ddp notices before any step.
     model = tiny_llama(0)
     opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, start_block=rank)
-    try:
-        attach_ddp(DDP(model), opt)
-        result["mismatch"] = None
-    except DistributedSetupError as e:
-        result["mismatch"] = str(e)
+    result["mismatch"] = error_of(lambda: attach_ddp(DDP(model), opt), DistributedSetupError)
     write_json(os.path.join(out, f"guard_rank{rank}.json"), result)
 
 

@@ -80,6 +80,15 @@ def params_cpu(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
 
 
+def error_of(fn, exc: type[BaseException] = Exception) -> str | None:
+    """Call fn(); the message of the `exc` it raised, or None if it returned (for the tests to inspect)."""
+    try:
+        fn()
+    except exc as e:
+        return str(e)
+    return None
+
+
 def write_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f)

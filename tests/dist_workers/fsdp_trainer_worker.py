@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import Tokens, enable_accelerate_fsdp_on_cpu, finish, tiny_llama, write_json  # noqa: E402
+from dist_common import Tokens, enable_accelerate_fsdp_on_cpu, error_of, finish, tiny_llama, write_json  # noqa: E402
 
 enable_accelerate_fsdp_on_cpu()
 
@@ -136,11 +136,8 @@ def main():
         torch.save({"straight": final_straight, "resumed": final_resumed}, os.path.join(out, "resume.pt"))
 
     # bf16 weights with bf16=True: accelerate would upcast only the first block; refused before any step.
-    refused = None
-    try:
-        make_trainer(dict(RUNS[0], bf16=True), os.path.join(out, "refused")).train()
-    except DistributedSetupError as e:
-        refused = str(e)
+    refused = error_of(lambda: make_trainer(dict(RUNS[0], bf16=True), os.path.join(out, "refused")).train(),
+                       DistributedSetupError)
     write_json(os.path.join(out, f"resume_rank{rank}.json"), {"files": files, "refused": refused})
     finish()
 

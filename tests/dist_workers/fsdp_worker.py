@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import averaged_gradient_run, batch, finish, tiny_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, error_of, finish, tiny_llama, write_json  # noqa: E402
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.fsdp import attach_fsdp2  # noqa: E402
@@ -145,11 +145,7 @@ def run_resume(rank, out):
     # A checkpoint written by 2 ranks cannot be loaded into a different sharding: refused by name.
     sd = torch.load(os.path.join(ckpt, f"badam_optimizer.rank{rank}.pt"), weights_only=True)
     sd["badam"]["shards"] = 4
-    try:
-        opt2.load_state_dict(sd)
-        wrong_world = None
-    except ValueError as e:
-        wrong_world = str(e)
+    wrong_world = error_of(lambda: opt2.load_state_dict(sd), ValueError)
     if rank == 0:
         torch.save({"straight": straight, "resumed": resumed}, os.path.join(out, "resume.pt"))
     write_json(os.path.join(out, f"resume_rank{rank}.json"), {
@@ -165,11 +161,7 @@ def run_control(rank, out):
     model = build(sc, shard=True)
     opt = make_opt(model, sc)
     opt._badam_sync = "unattached control"
-    error = None
-    try:
-        train_steps(model, opt, sc, rank, range(sc["steps"]))
-    except Exception as e:  # noqa: BLE001 - recorded for the test to inspect
-        error = f"{type(e).__name__}: {e}"
+    error = error_of(lambda: train_steps(model, opt, sc, rank, range(sc["steps"])))
     write_json(os.path.join(out, f"control_rank{rank}.json"), {"error": error})
 
 
@@ -195,11 +187,7 @@ def run_misuse(rank, out):
     model = build(RESUME, shard=True)
     opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2)
     model(input_ids=ids, labels=ids).loss.backward()
-    try:
-        opt.step()
-        result["unattached"] = None
-    except DistributedSetupError as e:
-        result["unattached"] = str(e)
+    result["unattached"] = error_of(opt.step, DistributedSetupError)
     write_json(os.path.join(out, f"misuse_rank{rank}.json"), result)
 
 
