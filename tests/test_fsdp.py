@@ -118,12 +118,14 @@ def test_trainer_fsdp2_trains_block_by_block(trainer_out, run, order, dtype):
             assert local[0] == full[0] // 2 and local[1:] == full[1:], name
 
 
-def test_trainer_fsdp2_cpu_ram_efficient_loading(trainer_out):
-    """The 70B config's loading mode (rank 0's weights, others empty, model re-filled after sharding): the
-    optimizer rebinds to the filled shards and the run equals the plain one bit for bit."""
-    plain, efficient = load(trainer_out, "badam_bf16"), load(trainer_out, "ram_efficient")
-    assert all(torch.equal(plain[n], efficient[n]) for n in plain)
-    assert [r["block"] for r in read(trainer_out, "ram_efficient_rank1")["records"]] == [0, 1, 2, 3, 0, 1]
+@pytest.mark.parametrize("variant", ["ram_efficient", "fsdp_ac"])
+def test_trainer_fsdp2_loading_and_checkpointing_variants(trainer_out, variant):
+    """accelerate's cpu_ram_efficient_loading (the 70B config's: rank 0's weights, the others empty, the model
+    re-filled after sharding) and accelerate's own activation checkpointing (which wraps each layer and
+    renames its parameters): the optimizer follows, and the run equals the plain one bit for bit."""
+    plain, other = load(trainer_out, "badam_bf16"), load(trainer_out, variant)
+    assert plain.keys() == other.keys() and all(torch.equal(plain[n], other[n]) for n in plain)
+    assert [r["block"] for r in read(trainer_out, f"{variant}_rank1")["records"]] == [0, 1, 2, 3, 0, 1]
 
 
 def test_trainer_fsdp2_checkpoint_resume_is_bit_exact(trainer_out):

@@ -28,9 +28,13 @@ from badam_hf.distributed import DistributedSetupError  # noqa: E402
 from badam_hf.trainer import unwrap_optimizer  # noqa: E402
 
 
+def canonical(name: str) -> str:
+    return name.replace("_checkpoint_wrapped_module.", "")  # accelerate's activation checkpointing wrapper
+
+
 def full_params(model) -> dict[str, torch.Tensor]:
     return {
-        n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", torch.float32, copy=True)
+        canonical(n): (p.full_tensor() if isinstance(p, DTensor) else p).detach().to("cpu", torch.float32, copy=True)
         for n, p in model.named_parameters()
     }
 
@@ -63,6 +67,8 @@ RUNS = [
 # device, sharded, and filled from rank 0's weights. Rank 1 starts from zeros, as a from_pretrained model on a
 # non-main rank does (empty weights); the run must still equal badam_bf16 bit for bit.
 RAM_EFFICIENT = dict(RUNS[0], name="ram_efficient", ram_efficient=True)
+# As badam_bf16, with accelerate's own activation checkpointing (which wraps each layer, renaming parameters).
+FSDP_AC = dict(RUNS[0], name="fsdp_ac", fsdp_ac=True)
 # With the recipes' gradient checkpointing (HF's default checkpointing arguments).
 RESUME = dict(name="resume", cls="BAdamTrainer", dtype=torch.bfloat16, bf16=False, steps=6, gc=True,
               optim_args="switch_every=2,switch_mode=random,seed=5", lr=1e-2)
@@ -94,7 +100,8 @@ def make_trainer(run, out, callbacks=(), save_steps=None, state_dict_type="SHARD
         seed=0,
         fsdp=True,
         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
-                     "state_dict_type": state_dict_type, "cpu_ram_efficient_loading": run.get("ram_efficient", False)},
+                     "state_dict_type": state_dict_type, "cpu_ram_efficient_loading": run.get("ram_efficient", False),
+                     "activation_checkpointing": run.get("fsdp_ac", False)},
     )
     cls = Trainer if run["cls"] == "Trainer" else BAdamTrainer
     return cls(model=model, args=args, train_dataset=Tokens(seed=321), callbacks=list(callbacks))
@@ -103,7 +110,7 @@ def make_trainer(run, out, callbacks=(), save_steps=None, state_dict_type="SHARD
 def main():
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
-    for run in RUNS + [RAM_EFFICIENT]:
+    for run in RUNS + [RAM_EFFICIENT, FSDP_AC]:
         log = StepLog()
         trainer = make_trainer(run, os.path.join(out, run["name"]), [log])
         trainer.train()
@@ -112,7 +119,7 @@ def main():
             torch.save(final, os.path.join(out, f"{run['name']}.pt"))
         opt = unwrap_optimizer(trainer.optimizer)
         local = {n: tuple(m.shape) for n, m in opt._masters.items()}
-        full = {n: tuple(p.shape) for n, p in trainer.model.named_parameters()}
+        full = {canonical(n): tuple(p.shape) for n, p in trainer.model.named_parameters()}
         write_json(os.path.join(out, f"{run['name']}_rank{rank}.json"), {
             "records": log.records,
             "block_params": [list(b.param_names) for b in opt.partition.blocks],
