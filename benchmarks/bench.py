@@ -494,6 +494,12 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     shape = SHAPES[args.shape]
+    import torch
+
+    if args.shape == "llama3-8b" and (args.cpu or not torch.cuda.is_available()):
+        # 16 GB of bf16 weights (plus AdamW's 128 GB of states) is not a CPU benchmark: fail now, not after hours.
+        p.error("--shape llama3-8b needs a CUDA GPU (none is available here, or --cpu was given); "
+                "use --shape cpu or --shape tiny on this machine")
     D = shape["num_hidden_layers"]
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = bool(shape.get("gradient_checkpointing", False))

@@ -56,3 +56,14 @@ def test_bench_tiny(tmp_path):
     md = (out / "results.md").read_text()
     assert "| BAdam (badam_hf) |" in md and "D(D+1)/(2D^2)" in md
     assert (out / "memory_time.png").stat().st_size > 0
+
+
+def test_gpu_shape_refused_on_cpu(tmp_path):
+    """--shape llama3-8b on the CPU (--cpu forces it even on a GPU machine) fails at once with a message,
+    instead of allocating 16 GB of weights and running for hours."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--shape", "llama3-8b", "--cpu", "--out", str(tmp_path / "results")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2 and "--shape llama3-8b needs a CUDA GPU" in proc.stderr
+    assert not (tmp_path / "results").exists()
