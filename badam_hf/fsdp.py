@@ -6,10 +6,11 @@ master and the inner optimizer's moments for the *local shards* of the active bl
 Toggling `requires_grad` between steps is otherwise fine under FSDP2: only the parameter groups that
 require grad are reduce-scattered. One thing is not: each FSDP parameter group fixes its mixed-precision
 dtypes (which dtype the gradients are reduced and stored in) from the parameters that required grad at
-its lazy init, i.e. at the first forward. A group frozen then has no reduce dtype, and once its layer
-becomes active the backward fails ("attempting to assign a gradient with dtype BFloat16 to a tensor with
-grad_dtype Float", pytorch issue 186998). `FSDP2BlockSync` therefore re-derives every group's
-mixed-precision dtypes after each switch, and checks that all ranks train the same block.
+its lazy init, i.e. at the first forward. A group frozen then has no dtypes: once its layer becomes
+active, its gradients are reduced in the compute dtype instead of the policy's reduce dtype (silently),
+and with fp32 shards computed in bf16 the backward fails ("attempting to assign a gradient with dtype
+BFloat16 to a tensor with grad_dtype Float", pytorch issue 186998). `FSDP2BlockSync` therefore re-derives
+every group's mixed-precision dtypes after each switch, and checks that all ranks train the same block.
 
 Plain PyTorch loop (the optimizer may be built before or after sharding: it picks up the DTensors that
 replace the parameters):
