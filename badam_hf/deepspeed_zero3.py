@@ -57,7 +57,7 @@ from typing import Any
 
 import torch
 
-from .distributed import DistributedSetupError, check_same_block, world_size
+from .distributed import DistributedSetupError, check_same_block, install_sync, world_size
 
 TESTED_RANGE = ((0, 19), (0, 20))  # >=0.19, <0.20
 TESTED_RANGE_TEXT = ">=0.19,<0.20"
@@ -544,19 +544,17 @@ def attach_deepspeed(engine, optimizer, check_agreement: bool = True) -> DeepSpe
     current = getattr(opt, "_badam_sync", None)
     if isinstance(current, DeepSpeedBlockSync) and current.engine is engine:
         return current
-    if current in opt.switch_hooks:
+    if current in opt.switch_hooks:  # an earlier engine's hook must not fire during the re-activation below
         opt.switch_hooks.remove(current)
     # DeepSpeed drops empty param groups from the client optimizer at initialize; BAdam's two groups
     # (decay / no decay) must stay in place, their content changes at every switch.
     opt.param_groups[:] = list(opt._badam_group_dicts)
     sync = DeepSpeedBlockSync(engine, zero_opt, opt, check_agreement=check_agreement)
     opt.engine_glue = sync
-    opt._badam_sync = sync  # the multi-process first-step guard checks that some engine sync is attached
     # Re-activate the current block from scratch in DeepSpeed's layout (drops masters built before the
     # engine existed, restores the emptied groups and keeps DeepSpeed's partitions in step with a seek()).
     opt._activate(opt.active_block, fresh=True)
-    sync(opt)
-    opt.switch_hooks.append(sync)
+    install_sync(opt, sync)  # runs it once now; the first-step guard sees it attached
     sync._install_step_wrapper()
     sync._install_load_wrapper()
     return sync

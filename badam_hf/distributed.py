@@ -117,14 +117,14 @@ def _refuse_engine(engine: str) -> None:
 def check_engine(model: nn.Module) -> None:
     """Called when a BlockOptimizer is built, before it changes the model: refuse FSDP version 1, and more
     than one process without an initialised process group (so no DDP / FSDP2 glue can follow)."""
-    engine = unsupported_engine(model)
-    if engine is not None:
+    engine = engine_of(model) or _engine_from_environment()
+    if engine == "FSDP":
         _refuse_engine(engine)
-    if _engine_from_environment() == "FSDP2":
-        from .fsdp import check_accelerate_mixed_precision
+    if engine == "FSDP2":
+        from .fsdp import check_accelerate_mixed_precision  # no partial fp32 upcast by accelerate
 
         check_accelerate_mixed_precision(model)
-    if (engine_of(model) or _engine_from_environment()) == "DeepSpeed":
+    if engine == "DeepSpeed":
         from .deepspeed_zero3 import check_construction  # ZeRO-3 only, tested versions, no "optimizer" block
 
         check_construction(model)
@@ -273,14 +273,19 @@ def attach_ddp(ddp_module, optimizer, check_agreement: bool = True) -> DDPBlockS
     current = getattr(opt, "_badam_sync", None)
     if isinstance(current, DDPBlockSync) and current.ddp is ddp_module:
         return current
-    wrapped = {id(p) for p in ddp_module.module.parameters()}
-    if not all(id(p) in wrapped for p in opt._params.values()):
+    if not holds_parameters(ddp_module.module, opt):
         raise DistributedSetupError(
             "the DistributedDataParallel module does not wrap the model this BlockOptimizer trains; wrap the "
             "same model object the optimizer was built on."
         )
     _check_ddp_internals(ddp_module)
     return install_sync(opt, DDPBlockSync(ddp_module, check_agreement=check_agreement))
+
+
+def holds_parameters(module: nn.Module, opt) -> bool:
+    """Whether `module` holds every parameter the optimizer trains (it wraps the optimizer's model)."""
+    mine = {id(p) for p in module.parameters()}
+    return all(id(p) in mine for p in opt._params.values())
 
 
 def install_sync(opt, sync):

@@ -35,7 +35,7 @@ import time
 import torch
 from torch import nn
 
-from .distributed import DistributedSetupError, check_same_block, install_sync
+from .distributed import DistributedSetupError, check_same_block, holds_parameters, install_sync
 
 
 def fsdp2_modules(model: nn.Module) -> list[nn.Module]:
@@ -108,8 +108,7 @@ def attach_fsdp2(model: nn.Module, optimizer, check_agreement: bool = True) -> F
     if isinstance(current, FSDP2BlockSync) and current.model is model:
         return current
     opt.rebind_parameters()  # built before fully_shard: pick up the DTensors that replaced the parameters
-    mine = {id(p) for p in model.parameters()}
-    if not all(id(p) in mine for p in opt._params.values()):
+    if not holds_parameters(model, opt):
         raise DistributedSetupError(
             "the FSDP2 model is not the model this BlockOptimizer trains; attach the sharded root module that the "
             "optimizer was built on (fully_shard shards a module in place)."

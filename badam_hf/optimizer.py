@@ -259,6 +259,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         optimizer first and then lets accelerate shard the model in place with FSDP2, which turns every
         parameter into a new DTensor. The active block then gets fresh masters from the new parameters (this
         happens before the first step, or before a checkpoint is loaded). Returns whether anything changed."""
+        # Called at every step: first an identity check in parameter order, with no name handling.
+        now = list(self.model.parameters())
+        if len(now) == len(self._params) and all(a is b for a, b in zip(now, self._params.values())):
+            return False
         current = self._current_parameters()
         if all(current.get(n) is p for n, p in self._params.items()) and len(current) == len(self._params):
             return False
