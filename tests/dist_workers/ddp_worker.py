@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import averaged_gradient_run, batch, error_of, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, error_of, finish, params_cpu, tiny_llama, training_llama, write_json  # noqa: E402
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.distributed import DistributedSetupError, attach_ddp  # noqa: E402
@@ -37,11 +37,7 @@ SCENARIOS = [
 
 
 def build(sc):
-    model = tiny_llama(0)
-    model.train()
-    if sc["gc"] is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": sc["gc"]})
-    return model
+    return training_llama(sc["gc"])
 
 
 def make_opt(model, sc):

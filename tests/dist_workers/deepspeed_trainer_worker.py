@@ -22,7 +22,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import Tokens, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+from dist_common import CPU_TRAINER_ARGS, Tokens, finish, params_cpu, tiny_llama, write_json  # noqa: E402
 
 import deepspeed  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
@@ -57,6 +57,7 @@ def gathered(model) -> dict[str, torch.Tensor]:
 
 def make_args(out, name, steps, ga=1, gc=False, bf16=False, optim="badam", optim_args="", lr=0.5, save_steps=None):
     return TrainingArguments(
+        **CPU_TRAINER_ARGS,
         output_dir=os.path.join(out, name),
         max_steps=steps,
         per_device_train_batch_size=2,
@@ -69,14 +70,8 @@ def make_args(out, name, steps, ga=1, gc=False, bf16=False, optim="badam", optim
         optim=optim,
         optim_args=optim_args,
         deepspeed=CONFIG,
-        use_cpu=True,
-        report_to="none",
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
     )
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import averaged_gradient_run, batch, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, finish, params_cpu, tiny_llama, training_llama, write_json  # noqa: E402
 
 import deepspeed  # noqa: E402
 
@@ -65,11 +65,7 @@ def ds_config(ga=1, stage=3, sub_group_size=10**9, zero=None, **extra):
 
 
 def build(sc):
-    model = tiny_llama(0)
-    model.train()
-    if sc["gc"] is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": sc["gc"]})
-    return model
+    return training_llama(sc["gc"])
 
 
 def make_opt(model, sc):

@@ -35,6 +35,20 @@ def batch(tag: int, step: int, micro: int, rank: int, size: int = 2) -> torch.Te
     return torch.randint(0, VOCAB, (size, SEQ), generator=g)
 
 
+def training_llama(gc=None):
+    """tiny_llama(0) in train mode; `gc`: None (no checkpointing) or use_reentrant for HF checkpointing."""
+    model = tiny_llama(0)
+    model.train()
+    if gc is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": gc})
+    return model
+
+
+# TrainingArguments every Trainer worker shares: CPU, quiet, one log per step, deterministic.
+CPU_TRAINER_ARGS = dict(use_cpu=True, report_to="none", logging_steps=1, disable_tqdm=True,
+                        dataloader_num_workers=0, seed=0)
+
+
 class Tokens(torch.utils.data.Dataset):
     """Random token rows for the Trainer workers (labels = inputs)."""
 

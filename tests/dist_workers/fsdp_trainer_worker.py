@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import Tokens, enable_accelerate_fsdp_on_cpu, error_of, finish, tiny_llama, write_json  # noqa: E402
+from dist_common import CPU_TRAINER_ARGS, Tokens, enable_accelerate_fsdp_on_cpu, error_of, finish, tiny_llama, write_json  # noqa: E402
 
 enable_accelerate_fsdp_on_cpu()
 
@@ -81,6 +81,7 @@ def make_trainer(run, out, callbacks=(), save_steps=None, state_dict_type="SHARD
             for p in model.parameters():
                 p.zero_()
     args = TrainingArguments(
+        **CPU_TRAINER_ARGS,
         output_dir=out,
         max_steps=run["steps"],
         per_device_train_batch_size=2,
@@ -90,14 +91,8 @@ def make_trainer(run, out, callbacks=(), save_steps=None, state_dict_type="SHARD
         optim_args=run["optim_args"],
         bf16=run["bf16"],
         activation_checkpointing=run.get("gc", False),  # (the new name of gradient_checkpointing)
-        use_cpu=True,
-        report_to="none",
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
-        logging_steps=1,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
         fsdp=True,
         fsdp_config={"version": 2, "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                      "state_dict_type": state_dict_type, "cpu_ram_efficient_loading": run.get("ram_efficient", False),

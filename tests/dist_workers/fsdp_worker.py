@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import averaged_gradient_run, batch, error_of, finish, tiny_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, error_of, finish, tiny_llama, training_llama, write_json  # noqa: E402
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.fsdp import attach_fsdp2  # noqa: E402
@@ -43,10 +43,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def build(sc, shard: bool):
-    model = tiny_llama(0).to(DTYPES[sc["dtype"]])
-    model.train()
-    if sc["gc"] is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": sc["gc"]})
+    model = training_llama(sc["gc"]).to(DTYPES[sc["dtype"]])
     if shard:
         mp = MixedPrecisionPolicy(
             param_dtype=DTYPES[sc["param"]] if sc.get("param") else None,

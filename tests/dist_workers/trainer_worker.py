@@ -14,7 +14,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import Tokens, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+from dist_common import CPU_TRAINER_ARGS, Tokens, finish, params_cpu, tiny_llama, write_json  # noqa: E402
 
 from transformers import Trainer, TrainingArguments, TrainerCallback  # noqa: E402
 
@@ -47,6 +47,7 @@ def main():
         model = tiny_llama(0)
         initial = params_cpu(model)
         args = TrainingArguments(
+            **CPU_TRAINER_ARGS,
             output_dir=os.path.join(out, run["name"]),
             max_steps=run["steps"],
             per_device_train_batch_size=2,
@@ -57,13 +58,7 @@ def main():
             max_grad_norm=1.0,
             optim="badam",
             optim_args=run["optim_args"],
-            use_cpu=True,
-            report_to="none",
             save_strategy="no",
-            logging_steps=1,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            seed=0,
         )
         log = BlockLog()
         cls = Trainer if run["cls"] == "Trainer" else BAdamTrainer
