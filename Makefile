@@ -1,13 +1,49 @@
-PYTHON ?= python3
-# The CPU wheel of torch: an unpinned torch would pull several GB of CUDA packages on a machine without a GPU.
+# Every target runs in the project's own environment, .venv/ inside the checkout, built by `make install`
+# from nothing (CI does this on every run, so a missing install step fails CI instead of a user).
+# To use a Python environment of your own instead (e.g. one with your CUDA build of torch):
+#     make test PYTHON=/path/to/python
+VENV := .venv
+ifeq ($(origin PYTHON),undefined)
+PYTHON := $(VENV)/bin/python
+OWN_VENV := 1
+endif
+
+# torch for a machine without a GPU: an unpinned torch would pull several GB of CUDA packages there.
+# Where this wheel is not the CPU build, point it at one, e.g.
+#     TORCH_CPU="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
 TORCH_CPU ?= torch==2.13.0
+# torch where nvidia-smi answers: the CUDA build from the package index.
+TORCH_GPU ?= torch
+# -qq keeps pip's errors and drops its progress and warning lines.
+PIP = $(PYTHON) -m pip install -qq --disable-pip-version-check
+# What `make install` puts in: the package (editable) with the test extra (trl, deepspeed, the authors'
+# badam package, pytest).
+EXTRAS ?= test
 
-.PHONY: install test demo bench convergence
+STAMP := $(VENV)/.installed
 
-# With the deepspeed extra (an sdist that builds without torch: no CUDA download), so its tests run in CI.
+.PHONY: install test demo bench convergence clean-venv
+
+# torch first (the CPU or the CUDA build, unless one is importable), then the package and its extras.
+define install_deps
+	@$(PYTHON) -c "import torch" 2>/dev/null || { \
+	  if nvidia-smi >/dev/null 2>&1; then echo "installing $(TORCH_GPU) (a GPU answers)"; $(PIP) $(TORCH_GPU); \
+	  else echo "installing $(TORCH_CPU) (no GPU)"; $(PIP) $(TORCH_CPU); fi; }
+	@echo "installing badam_hf[$(EXTRAS)] into $$($(PYTHON) -c 'import sys; print(sys.prefix)')"
+	@$(PIP) -e ".[$(EXTRAS)]"
+endef
+
+ifdef OWN_VENV
+install: $(STAMP)
+# Rebuilt when the declared dependencies change; `make clean-venv` starts from nothing.
+$(STAMP): pyproject.toml
+	@test -x $(PYTHON) || { echo "creating $(VENV)/"; python3 -m venv $(VENV); }
+	$(install_deps)
+	@touch $@
+else
 install:
-	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install -q "$(TORCH_CPU)"
-	$(PYTHON) -m pip install -q -e ".[test,deepspeed]"
+	$(install_deps)
+endif
 
 test: install
 	$(PYTHON) -m pytest -q tests
@@ -25,3 +61,6 @@ bench: install
 # BAdam vs AdamW vs LoRA loss curves on ../shared/data/alpaca_en_demo.json; writes benchmarks/results/convergence/
 convergence: install
 	$(PYTHON) benchmarks/convergence.py $(CONVERGENCE_ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

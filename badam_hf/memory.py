@@ -107,6 +107,9 @@ def estimate(
     granularity: str = "layer",
     lora_rank: int = 8,
 ) -> tuple[dict, list[Estimate]]:
+    for name, value in (("gpus", gpus), ("batch", batch), ("seq", seq), ("lora_rank", lora_rank)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}={value!r}: {name} must be a whole number >= 1.")
     config = load_config(model)
     meta = build_meta_model(config)
     total = sum(p.numel() for p in meta.parameters())
@@ -120,7 +123,7 @@ def estimate(
     kv = h * getattr(config, "num_key_value_heads", config.num_attention_heads) // config.num_attention_heads
     lora = L * lora_rank * ((h + h) + (h + kv))
     largest_matrix = max(p.numel() for p in meta.parameters())
-    n = max(1, gpus)
+    n = gpus
     rows = [
         Estimate("Adam (mixed precision)", 2 * total / n, 4 * total / n, 12 * total / n, act),
         Estimate(f"LoRA (rank {lora_rank})", (2 * total + 2 * lora) / n, 4 * lora / n, 12 * lora / n, act),

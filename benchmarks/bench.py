@@ -586,10 +586,7 @@ def main(argv=None) -> int:
         json.dump(results, f, indent=1)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md)
-    try:
-        plot(results, os.path.join(out, "memory_time.png"))
-    except ImportError:
-        print("matplotlib is not installed: no chart", file=sys.stderr)
+    plot(results, os.path.join(out, "memory_time.png"))
     print(md)
     print(f"[bench] total runtime {meta['total_runtime_s']:.1f} s; results in {out}")
     return 0

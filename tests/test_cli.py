@@ -109,6 +109,15 @@ def test_estimate_still_works(capsys):
     assert "| BAdam |" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("flag,value", [("--gpus", "0"), ("--batch", "0"), ("--seq", "-5"), ("--lora-rank", "0")])
+def test_estimate_refuses_sizes_below_one(capsys, flag, value):
+    assert main(["estimate", "llama3-8b", flag, value]) == 2
+    out = capsys.readouterr()
+    name = flag.lstrip("-").replace("-", "_")
+    assert f"{name}={value}: {name} must be a whole number >= 1" in out.err
+    assert out.out == ""  # no table
+
+
 def test_chat_template_without_one_in_the_tokenizer_is_a_clear_error(tmp_path, capsys):
     code = main(["train", "demo", "data.template=chat", "training.max_steps=1", f"training.output_dir={tmp_path}/out"])
     assert code == 2

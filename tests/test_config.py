@@ -155,7 +155,7 @@ def test_include_flags_with_explicit_target_modules_are_an_error():
 
 
 def test_trl_config_accepts_badam_and_checks_its_args(tmp_path):
-    trl = pytest.importorskip("trl")
+    import trl
     cfg = trl.SFTConfig(output_dir=str(tmp_path), optim="badam", optim_args="switch_every=5", report_to="none", use_cpu=True)
     assert cfg.optim == "badam"
     with pytest.raises(BAdamConfigError, match="switch_every=0"):

@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import deepspeed
 import pytest
 import torch
-
-deepspeed = pytest.importorskip("deepspeed")
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.deepspeed_zero3 import (  # noqa: E402

@@ -8,13 +8,13 @@ documents, with the reference itself, where we deliberately differ.
 import copy
 import warnings
 
+import badam  # the authors' package (test extra)
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from badam_hf import BlockOptimizer
 
-badam = pytest.importorskip("badam")
 
 VOCAB = 64
 

@@ -270,7 +270,7 @@ def test_make_badam_trainer_on_custom_subclass(tmp_path):
 
 
 def _word_tokenizer():
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = "the a cat dog sat ran on under mat log and fast slow big small red blue".split()
@@ -283,8 +283,8 @@ def _word_tokenizer():
 
 
 def test_make_badam_trainer_trl_sft(tmp_path):
-    trl = pytest.importorskip("trl")
-    datasets = pytest.importorskip("datasets")
+    import datasets
+    import trl
     tok, words = _word_tokenizer()
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(words[j] for j in torch.randint(0, len(words), (8,), generator=g).tolist()) for _ in range(16)]
@@ -326,7 +326,7 @@ class NoStack(nn.Module):
 
 
 def test_errors_at_construction_before_any_file_is_written(tmp_path):
-    peft = pytest.importorskip("peft")
+    import peft
     out = tmp_path / "out"
     data = lm_data(8)
 
