@@ -22,7 +22,7 @@ EXTRAS ?= test
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench convergence clean-venv
+.PHONY: install test test-fast demo bench convergence clean-venv
 
 # torch first (the CPU or the CUDA build, unless one is importable), then the package and its extras.
 define install_deps
@@ -47,6 +47,10 @@ endif
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+# The suite without the multi-process launches and the end-to-end script/CLI/training runs (minutes less).
+test-fast: install
+	$(PYTHON) -m pytest -q tests -m "not multiprocess and not integration"
 
 # The embedded default: a small Llama built from a config, a local tokenizer and generated data, trained
 # with BAdam and with AdamW on CPU; writes demo_report/ (loss.png, report.md, results.json).

@@ -157,7 +157,7 @@ def setup_method(method: str, model, num_layers: int, lr: float = 1e-5):
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
         return model, opt, opt, torch.bfloat16, info
     if method == "badam":
-        from badam_hf.optimizer import BlockOptimizer
+        from badam_hf.core.optimizer import BlockOptimizer
 
         opt = BlockOptimizer(model, lr=lr, switch_every=1, switch_mode="ascending", granularity="layer")
         info["num_blocks"] = opt.num_blocks
@@ -201,7 +201,7 @@ def worker(args) -> dict:
     # Import everything any method needs before the baseline, so import sizes do not count as training memory.
     import peft  # noqa: F401
     import transformers.trainer  # noqa: F401  (badam_hf reads HF's weight-decay rule from it)
-    import badam_hf.optimizer  # noqa: F401
+    import badam_hf.core.optimizer  # noqa: F401
     try:
         import badam  # noqa: F401
     except ImportError:

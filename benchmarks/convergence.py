@@ -34,9 +34,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere, without an installed package
     sys.path.insert(0, str(REPO))
 
-from badam_hf.data import load_alpaca_json  # noqa: E402
+from badam_hf.data.sft import load_alpaca_json  # noqa: E402
 # One training run per method, each in a fresh process: the demo's worker (it also knows LoRA).
-from badam_hf.demo import _run_isolated as _run, _window_mean, prepare_training  # noqa: E402
+from badam_hf.tools.demo import _run_isolated as _run, _window_mean, prepare_training  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "convergence"

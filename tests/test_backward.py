@@ -10,53 +10,24 @@ import warnings
 
 import pytest
 import torch
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-)
+from transformers import RobertaForSequenceClassification
 
-from badam_hf import BlockOptimizer, backward_truncation
+from badam_hf import BlockOptimizer
+from badam_hf.core import backward_truncation
 
-VOCAB = 64
+VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 MODES = [None, "non_reentrant", "reentrant"]  # None: no checkpointing
 
 
-# --- tiny models (fp32, dropout 0) ----------------------------------------------------------------
+# --- tiny models (fp32, dropout 0, train mode: checkpointing acts only in training) ----------------
 
-
-def tiny_llama(layers=5):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0, tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).train()
-
-
-def tiny_gpt2(layers=4):
-    torch.manual_seed(0)
-    cfg = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=32,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-    )
-    return GPT2LMHeadModel(cfg).train()
-
-
-def tiny_roberta(layers=4):
-    torch.manual_seed(0)
-    cfg = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=40, type_vocab_size=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        classifier_dropout=0.0, num_labels=2,
-    )
-    return RobertaForSequenceClassification(cfg).train()
-
-
-BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "roberta": tiny_roberta}
+LLAMA = dict(max_positions=None, attention_dropout=0.0, tie_word_embeddings=False, train=True)
+# The models of the tests parametrized over architectures, by family (tiny_model's first argument).
+MODELS = {
+    "llama": dict(layers=5, **LLAMA),
+    "gpt2": dict(layers=4, max_positions=32, bos_token_id=0, eos_token_id=0, train=True),
+    "roberta": dict(layers=4, classifier_dropout=0.0, num_labels=2, train=True),
+}
 
 
 def layers_of(model):
@@ -146,9 +117,9 @@ def check_grads(model, opt, batch, ref):
 
 @pytest.mark.parametrize("order", ["gc_before_optimizer", "gc_after_optimizer"])
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("arch", list(BUILDERS))
-def test_middle_block_grad_matches_full_backward_and_backward_stops_there(arch, mode, order):
-    model = BUILDERS[arch]()
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_middle_block_grad_matches_full_backward_and_backward_stops_there(arch, mode, order, tiny_model):
+    model = tiny_model(arch, **MODELS[arch])
     batch = make_batch(model)
     ref = reference_grads(model, batch)
     if order == "gc_before_optimizer":
@@ -173,8 +144,8 @@ def test_middle_block_grad_matches_full_backward_and_backward_stops_there(arch, 
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_truncation_moves_with_block_switches(mode):
-    model = tiny_llama(layers=5)
+def test_truncation_moves_with_block_switches(mode, tiny_llama):
+    model = tiny_llama(layers=5, **LLAMA)
     plain = copy.deepcopy(model)  # hook-free, checkpoint-free twin for the reference grads
     enable_gc(model, mode)
     K = 2
@@ -199,8 +170,8 @@ def test_truncation_moves_with_block_switches(mode):
 
 @pytest.mark.parametrize("order", ["gc_before_optimizer", "gc_after_optimizer"])
 @pytest.mark.parametrize("mode", MODES)
-def test_embedding_block_backward_reaches_every_layer(mode, order):
-    model = tiny_llama(layers=4)
+def test_embedding_block_backward_reaches_every_layer(mode, order, tiny_llama):
+    model = tiny_llama(layers=4, **LLAMA)
     batch = make_batch(model)
     ref = reference_grads(model, batch)
     if order == "gc_before_optimizer":
@@ -218,8 +189,8 @@ def test_embedding_block_backward_reaches_every_layer(mode, order):
 
 @pytest.mark.parametrize("order", ["gc_before_optimizer", "gc_after_optimizer"])
 @pytest.mark.parametrize("mode", MODES)
-def test_lm_head_block_runs_no_backward_through_the_stack(mode, order):
-    model = tiny_llama(layers=4)
+def test_lm_head_block_runs_no_backward_through_the_stack(mode, order, tiny_llama):
+    model = tiny_llama(layers=4, **LLAMA)
     batch = make_batch(model)
     ref = reference_grads(model, batch)
     if order == "gc_before_optimizer":
@@ -239,11 +210,11 @@ def test_lm_head_block_runs_no_backward_through_the_stack(mode, order):
 # --- the bug the fix guards against ---------------------------------------------------------------
 
 
-def test_reentrant_checkpointing_without_the_fix_gives_the_active_layer_no_gradient(monkeypatch):
+def test_reentrant_checkpointing_without_the_fix_gives_the_active_layer_no_gradient(monkeypatch, tiny_roberta):
     """Frozen lower layers + reentrant checkpointing + no input-require-grads hook: the checkpointed active
     layer sees no input requiring grad, so it gets no gradient, and nothing fails when a task head is
     trainable. With BlockOptimizer's truncation, the same set-up gives the exact gradient."""
-    base = tiny_roberta()
+    base = tiny_roberta(**MODELS["roberta"])
     batch = make_batch(base)
     ref = reference_grads(base, batch)
 
@@ -276,8 +247,8 @@ def test_reentrant_checkpointing_without_the_fix_gives_the_active_layer_no_gradi
     check_grads(fixed, opt, batch, ref)
 
 
-def test_reentrant_without_the_fix_on_a_causal_lm_has_nothing_to_backward(monkeypatch):
-    model = tiny_llama(layers=4)
+def test_reentrant_without_the_fix_on_a_causal_lm_has_nothing_to_backward(monkeypatch, tiny_llama):
+    model = tiny_llama(layers=4, **LLAMA)
     batch = make_batch(model)
     enable_gc(model, "reentrant")
     BlockOptimizer(model, switch_every=3, switch_mode="ascending", start_block=2)
@@ -291,9 +262,9 @@ def test_reentrant_without_the_fix_on_a_causal_lm_has_nothing_to_backward(monkey
 
 
 @pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
-def test_without_truncation_backward_runs_through_every_frozen_layer(mode):
+def test_without_truncation_backward_runs_through_every_frozen_layer(mode, tiny_llama):
     """truncate_backward=False keeps HF's behaviour: right gradient, but a backward through all layers."""
-    model = tiny_llama(layers=4)
+    model = tiny_llama(layers=4, **LLAMA)
     batch = make_batch(model)
     ref = reference_grads(model, batch)
     enable_gc(model, mode)
@@ -305,8 +276,8 @@ def test_without_truncation_backward_runs_through_every_frozen_layer(mode):
     assert counter.ran_backward(4) == [1, 1, 1, 1]
 
 
-def test_truncation_gradients_are_bit_identical_to_full_backward():
-    model = tiny_llama(layers=4)
+def test_truncation_gradients_are_bit_identical_to_full_backward(tiny_llama):
+    model = tiny_llama(layers=4, **LLAMA)
     batch = make_batch(model)
     ref = reference_grads(model, batch)
     opt = BlockOptimizer(model, switch_every=3, switch_mode="ascending", start_block=1)
@@ -318,8 +289,8 @@ def test_truncation_gradients_are_bit_identical_to_full_backward():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_hook_is_inert_without_grad(mode):
-    plain = tiny_llama(layers=4)
+def test_hook_is_inert_without_grad(mode, tiny_llama):
+    plain = tiny_llama(layers=4, **LLAMA)
     model = copy.deepcopy(plain)
     enable_gc(plain, mode)
     enable_gc(model, mode)

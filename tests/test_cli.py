@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from badam_hf.cli import main
+from badam_hf.tools.cli import main
 from badam_hf.recipes import shipped_recipes
 
 TINY = """# A tiny offline recipe written by the test.
@@ -122,4 +122,22 @@ def test_chat_template_without_one_in_the_tokenizer_is_a_clear_error(tmp_path, c
     code = main(["train", "demo", "data.template=chat", "training.max_steps=1", f"training.output_dir={tmp_path}/out"])
     assert code == 2
     assert "needs a tokenizer with a chat template" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("check", [["--check"], []])
+def test_every_problem_of_a_recipe_is_reported_in_one_run(tmp_path, capsys, check):
+    # Three independent mistakes, in three sections: all are reported at once, and nothing trains.
+    p = _tiny(tmp_path)
+    text = p.read_text()
+    text = text.replace("dtype: float32", "dtype: int8").replace("switch_mode: descending", "switch_mode: sideways")
+    p.write_text(text.replace("  learning_rate: 1.0e-3", "  learnig_rate: 1.0e-3"))
+    assert main(["train", str(p), *check]) == 2
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert len(lines) == 3 and all(line.startswith(f"badam-hf train: {p}: ") for line in lines), out.err
+    assert "model.dtype='int8' is not valid; choose one of bfloat16" in lines[0]
+    assert "badam.switch_mode='sideways' is not valid" in lines[1]
+    assert "unknown key(s) in section 'training': 'learnig_rate' (did you mean 'learning_rate'?)" in lines[2]
+    assert "valid (" not in out.out and "steps:" not in out.out
     assert not (tmp_path / "out").exists()

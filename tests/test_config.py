@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import badam_hf  # noqa: F401  (registers --optim badam with transformers)
-from badam_hf.config import BAdamConfig, BAdamConfigError, PartitionConfig, ScheduleConfig
+from badam_hf.core.config import BAdamConfig, BAdamConfigError, PartitionConfig, ScheduleConfig
 
 
 def test_defaults():

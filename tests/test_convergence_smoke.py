@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # runs the benchmark script end to end in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "convergence.py"
 DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from badam_hf.data import (
+from badam_hf.data.sft import (
     IGNORE_INDEX,
     SFTCollator,
     alpaca_texts,

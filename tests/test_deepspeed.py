@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import deepspeed
 import pytest
 import torch
+from dist_common import launch as launch_workers, load, read, run_processes, same  # tests/dist_workers/
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.deepspeed_zero3 import (  # noqa: E402
@@ -28,8 +29,6 @@ from badam_hf.distributed import DistributedSetupError  # noqa: E402
 
 WORKERS = Path(__file__).parent / "dist_workers"
 CONFIG = Path(__file__).parent.parent / "configs" / "deepspeed_zero3.json"
-sys.path.insert(0, str(WORKERS))
-from dist_common import launch as launch_workers, load, read, run_processes, same, tiny_llama  # noqa: E402
 
 # The worker's scenarios: name -> (switch mode, steps, partition granularity, absolute tolerance vs reference).
 SCENARIOS = {
@@ -61,20 +60,21 @@ def trainer_out(tmp_path_factory):
     return out
 
 
-def initial_params() -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in tiny_llama(0).named_parameters()}
+def initial_params(tiny_llama) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in tiny_llama().named_parameters()}
 
 
-def expected_blocks(mode: str, steps: int, granularity: str = "layer") -> list[int]:
-    opt = BlockOptimizer(tiny_llama(0), switch_every=2, switch_mode=mode, granularity=granularity)
+def expected_blocks(tiny_llama, mode: str, steps: int, granularity: str = "layer") -> list[int]:
+    opt = BlockOptimizer(tiny_llama(), switch_every=2, switch_mode=mode, granularity=granularity)
     return [opt.schedule.block_at(t) for t in range(steps)]
 
 
 # --- plain loop: deepspeed.initialize(optimizer=BlockOptimizer) + attach_deepspeed ---------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_zero3_ranks_agree_and_match_reference(ds_out, scenario):
+def test_zero3_ranks_agree_and_match_reference(ds_out, scenario, tiny_llama):
     """Ranks trained on different data end bit-identical (full parameters gathered from the shards), and
     equal one process without DeepSpeed that averages the two ranks' gradients by hand (SGD inner
     optimizer, fp32, no clipping; "offload" uses AdamW with weight decay). DeepSpeed computes the same
@@ -88,7 +88,7 @@ def test_zero3_ranks_agree_and_match_reference(ds_out, scenario):
     atol = SCENARIOS[scenario][3]
     for name in r0:
         torch.testing.assert_close(r0[name], ref[name], rtol=1e-5, atol=atol, msg=name)
-    init = initial_params()
+    init = initial_params(tiny_llama)
     assert not same(r0, init)  # it trained
     # Parameters in no block (embeddings, final norm, head) are untouched, bit for bit.
     in_blocks = {n for rec in read(ds_out, f"{scenario}_rank0")["records"] for n in rec["trainable"]}
@@ -96,13 +96,14 @@ def test_zero3_ranks_agree_and_match_reference(ds_out, scenario):
         assert torch.equal(r0[name], init[name]), name
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-def test_zero3_only_active_block_moves_and_steps_count_once(ds_out, scenario):
+def test_zero3_only_active_block_moves_and_steps_count_once(ds_out, scenario, tiny_llama):
     mode, steps, granularity, _ = SCENARIOS[scenario]
     for rank in (0, 1):
         data = read(ds_out, f"{scenario}_rank{rank}")
         records = data["records"]
-        assert [r["block"] for r in records] == expected_blocks(mode, steps, granularity)
+        assert [r["block"] for r in records] == expected_blocks(tiny_llama, mode, steps, granularity)
         for i, rec in enumerate(records):
             # exactly the active block moved, and DeepSpeed's trainable set is that block
             assert sorted(rec["changed"]) == sorted(rec["trainable"]), (scenario, i)
@@ -119,11 +120,12 @@ def test_zero3_only_active_block_moves_and_steps_count_once(ds_out, scenario):
         assert records[0]["block"] == records[-1]["block"] == 0  # block 0 is revisited
 
 
-def test_zero3_bf16_masters_belong_to_deepspeed(ds_out):
+@pytest.mark.multiprocess
+def test_zero3_bf16_masters_belong_to_deepspeed(ds_out, tiny_llama):
     data = [read(ds_out, f"bf16_rank{r}") for r in (0, 1)]
     assert same(load(ds_out, "bf16_rank0"), load(ds_out, "bf16_rank1"))
     final = load(ds_out, "bf16_rank0")
-    init = {n: p.to(torch.bfloat16) for n, p in initial_params().items()}
+    init = {n: p.to(torch.bfloat16) for n, p in initial_params(tiny_llama).items()}
     blocks = {n for n in init if n.startswith("model.layers.")}
     assert set(data[0]["changed"]) == blocks  # all four blocks visited (ascending, 8 steps) and trained
     assert all(torch.equal(final[n], init[n]) for n in set(init) - blocks)
@@ -136,6 +138,7 @@ def test_zero3_bf16_masters_belong_to_deepspeed(ds_out):
         assert d["global_step"] == 8
 
 
+@pytest.mark.multiprocess
 def test_zero3_refusals(ds_out):
     for rank in (0, 1):
         errors = read(ds_out, f"errors_rank{rank}")
@@ -152,15 +155,16 @@ def test_zero3_refusals(ds_out):
 # --- Hugging Face Trainer with configs/deepspeed_zero3.json ------------------------------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("run,mode,steps", [("trainer_optim", "ascending", 10), ("badam_trainer_ga_gc", "random", 6)])
-def test_trainer_zero3_trains_every_visited_block(trainer_out, run, mode, steps):
+def test_trainer_zero3_trains_every_visited_block(trainer_out, run, mode, steps, tiny_llama):
     r0, r1 = load(trainer_out, f"{run}_rank0"), load(trainer_out, f"{run}_rank1")
     assert same(r0["final"], r1["final"])
     for rank in (0, 1):
         info = read(trainer_out, f"{run}_rank{rank}")
         assert info["wrapped"] == "DeepSpeedEngine" and info["sync"] == "DeepSpeedBlockSync"
         assert info["world_size"] == 2 and info["steps"] == steps
-        assert info["blocks"] == expected_blocks(mode, steps)
+        assert info["blocks"] == expected_blocks(tiny_llama, mode, steps)
     info = read(trainer_out, f"{run}_rank0")
     final = r0["final"]
     dtype = next(iter(final.values())).dtype
@@ -172,6 +176,7 @@ def test_trainer_zero3_trains_every_visited_block(trainer_out, run, mode, steps)
         assert info["dtypes"] == ["torch.bfloat16"]  # bf16 "auto" followed TrainingArguments(bf16=True)
 
 
+@pytest.mark.multiprocess
 def test_trainer_zero3_resume_mid_block_matches_uninterrupted(trainer_out):
     """Checkpoint at step 3 (the second step of block 1), resume in a fresh Trainer: same final parameters,
     bit for bit, as the uninterrupted run (AdamW moments and fp32 partitions restored)."""
@@ -185,6 +190,7 @@ def test_trainer_zero3_resume_mid_block_matches_uninterrupted(trainer_out):
         assert info_res["steps"] == 6
 
 
+@pytest.mark.multiprocess
 def test_trainer_zero3_zero_init_model(trainer_out):
     """A model whose parameters are already ZeRO-3 partitioned when BAdam sees it (from_pretrained under a
     ZeRO-3 config builds it inside deepspeed.zero.Init)."""
@@ -279,16 +285,17 @@ def test_optimizer_block_refused_when_the_arguments_are_parsed(hf_deepspeed_args
                           report_to="none")
 
 
-def test_optimizer_block_refused_by_badam_trainer(hf_deepspeed_args, tmp_path):
+def test_optimizer_block_refused_by_badam_trainer(hf_deepspeed_args, tmp_path, tiny_llama):
     from transformers import TrainingArguments
 
     from badam_hf import BAdamTrainer
 
     args = TrainingArguments(output_dir=str(tmp_path), deepspeed=hf_deepspeed_args, use_cpu=True, report_to="none")
     with pytest.raises(DistributedSetupError, match="BAdam must be the optimizer"):
-        BAdamTrainer(model=tiny_llama(0), args=args)
+        BAdamTrainer(model=tiny_llama(), args=args)
 
 
+@pytest.mark.multiprocess
 def test_recipe_runs_under_the_shipped_zero3_config(tmp_path):
     """`torchrun ... -m badam_hf train llama3-8b-alpaca-gpt4 training.deepspeed=configs/deepspeed_zero3.json`
     with a tiny stand-in model and local data: a zero.Init-partitioned model, both blocks trained, one

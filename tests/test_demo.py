@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from badam_hf.demo import main, make_synthetic_records, run_demo
+from badam_hf.tools.demo import main, make_synthetic_records, run_demo
 
 SHARED_ALPACA = Path(__file__).resolve().parents[2] / "shared/data/alpaca_en_demo.json"
 TINY = dict(
@@ -51,6 +51,7 @@ def test_synthetic_records_are_deterministic():
     assert add["output"] == f"{x} + {y} = {x + y}"
 
 
+@pytest.mark.integration
 def test_run_demo_tiny(tmp_path):
     steps = 16
     summary = run_demo(tmp_path / "rep", steps=steps, **TINY)
@@ -62,6 +63,7 @@ def test_run_demo_tiny(tmp_path):
     assert summary["isolated"] is True
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(not SHARED_ALPACA.exists(), reason=f"{SHARED_ALPACA} is absent")
 def test_run_demo_on_real_alpaca(tmp_path, monkeypatch):
     # A relative --data path resolves against the current directory.

@@ -6,21 +6,20 @@ here compare what the workers wrote. In-process tests cover the refusals and the
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from dist_common import batch, load, read, same  # tests/dist_workers/, on pytest's pythonpath
+from dist_common import launch as run_workers
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from badam_hf import BlockOptimizer
 from badam_hf.distributed import DistributedSetupError, attach_ddp, attach_wrapped_model, check_engine
+from badam_hf.engines.common import engine_sync
 
 WORKERS = Path(__file__).parent / "dist_workers"
-sys.path.insert(0, str(WORKERS))
-from dist_common import batch, load, read, same, tiny_llama  # noqa: E402
-from dist_common import launch as run_workers  # noqa: E402
 
 BLOCKS = [f"model.layers.{i}." for i in range(4)]
 
@@ -46,18 +45,20 @@ def trainer_out(tmp_path_factory):
 # --- plain PyTorch loop + attach_ddp ----------------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("scenario", ["plain", "ga_gc", "reentrant"])
-def test_ddp_ranks_agree_and_equal_reference(ddp_out, scenario):
+def test_ddp_ranks_agree_and_equal_reference(ddp_out, scenario, tiny_llama):
     """Ranks trained on different data end bit-identical, and equal to one process that averages the two
     ranks' gradients by hand (SGD inner optimizer, so the comparison is exact)."""
     r0, r1 = load(ddp_out, f"{scenario}_rank0"), load(ddp_out, f"{scenario}_rank1")
     ref = load(ddp_out, f"{scenario}_ref")
     assert same(r0, r1)
     assert same(r0, ref)
-    initial = {n: p.detach() for n, p in tiny_llama(0).named_parameters()}
+    initial = {n: p.detach() for n, p in tiny_llama().named_parameters()}
     assert initial.keys() == r0.keys() and not same(r0, initial)  # it trained
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("scenario", ["plain", "ga_gc", "reentrant"])
 def test_ddp_only_active_block_moves_and_blocks_are_revisited(ddp_out, scenario):
     for rank in (0, 1):
@@ -79,6 +80,7 @@ def test_ddp_only_active_block_moves_and_blocks_are_revisited(ddp_out, scenario)
         assert blocks[-1] == blocks[0]  # a block visited again after the others
 
 
+@pytest.mark.multiprocess
 def test_ddp_without_attach_diverges(ddp_out):
     """Control: without the glue, DDP keeps reducing the block it saw at wrap time only."""
     r0, r1 = load(ddp_out, "control_rank0"), load(ddp_out, "control_rank1")
@@ -88,6 +90,7 @@ def test_ddp_without_attach_diverges(ddp_out):
     assert differ and all(n.startswith(BLOCKS[1]) for n in differ)
 
 
+@pytest.mark.multiprocess
 def test_step_guard_refuses_unattached_multi_process(ddp_out):
     for rank in (0, 1):
         res = read(ddp_out, f"guard_rank{rank}")
@@ -101,6 +104,7 @@ def test_step_guard_refuses_unattached_multi_process(ddp_out):
 # --- Hugging Face Trainer under torchrun -----------------------------------------------------------
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("run", ["trainer_optim", "badam_trainer_ga_gc"])
 def test_trainer_ddp_ranks_identical_and_visited_blocks_changed(trainer_out, run):
     s0, s1 = load(trainer_out, f"{run}_rank0"), load(trainer_out, f"{run}_rank1")
@@ -133,18 +137,18 @@ def one_process_group(tmp_path):
     torch.distributed.destroy_process_group()
 
 
-def test_attach_refuses_when_ddp_internals_are_missing(one_process_group, monkeypatch):
-    model = tiny_llama(0)
+def test_attach_refuses_when_ddp_internals_are_missing(one_process_group, monkeypatch, tiny_llama):
+    model = tiny_llama()
     opt = BlockOptimizer(model, lr=0.1, inner_optimizer="sgd", switch_every=1)
     ddp = DDP(model)
     monkeypatch.delattr(DDP, "_ddp_init_helper")
     with pytest.raises(DistributedSetupError, match=r"changed the DistributedDataParallel internals.*_ddp_init_helper"):
         attach_ddp(ddp, opt)
-    assert opt.switch_hooks == [] and getattr(opt, "_badam_sync", None) is None
+    assert opt.switch_hooks == [] and engine_sync(opt) is None
 
 
-def test_attach_refuses_when_ddp_internals_change_signature(one_process_group, monkeypatch):
-    model = tiny_llama(0)
+def test_attach_refuses_when_ddp_internals_change_signature(one_process_group, monkeypatch, tiny_llama):
+    model = tiny_llama()
     opt = BlockOptimizer(model, lr=0.1, inner_optimizer="sgd", switch_every=1)
     ddp = DDP(model)
     monkeypatch.setattr(DDP, "_ddp_init_helper", lambda self, parameters, expect_sparse_gradient, mapping: None)
@@ -153,11 +157,11 @@ def test_attach_refuses_when_ddp_internals_change_signature(one_process_group, m
     assert opt.switch_hooks == []
 
 
-def test_attach_one_process_ddp_matches_plain_training(one_process_group):
+def test_attach_one_process_ddp_matches_plain_training(one_process_group, tiny_llama):
     """Attached in one process, DDP training equals training without DDP, across block switches."""
 
     def train(use_ddp: bool):
-        model = tiny_llama(0)
+        model = tiny_llama()
         opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=1, switch_mode="ascending")
         fwd = model
         if use_ddp:
@@ -174,7 +178,7 @@ def test_attach_one_process_ddp_matches_plain_training(one_process_group):
     assert same(train(use_ddp=True), train(use_ddp=False))
 
 
-def test_comm_hooks_survive_rebuilds(one_process_group):
+def test_comm_hooks_survive_rebuilds(one_process_group, tiny_llama):
     """A communication hook (e.g. accelerate's bf16 compression) is registered again on each new reducer."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -184,7 +188,7 @@ def test_comm_hooks_survive_rebuilds(one_process_group):
         calls.append(1)
         return allreduce_hook(state, bucket)
 
-    model = tiny_llama(0)
+    model = tiny_llama()
     opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=1, switch_mode="ascending")
     ddp = DDP(model)
     ddp.register_comm_hook(None, counting_hook)
@@ -199,8 +203,8 @@ def test_comm_hooks_survive_rebuilds(one_process_group):
     assert sync.rebuilds == 4 and len(ddp._comm_hooks) == 1
 
 
-def test_attach_rejects_other_model_and_non_ddp(one_process_group):
-    model, other = tiny_llama(0), tiny_llama(1)
+def test_attach_rejects_other_model_and_non_ddp(one_process_group, tiny_llama):
+    model, other = tiny_llama(), tiny_llama(seed=1)
     opt = BlockOptimizer(model, lr=0.1, inner_optimizer="sgd")
     with pytest.raises(DistributedSetupError, match="does not wrap the model"):
         attach_ddp(DDP(other), opt)
@@ -216,8 +220,8 @@ class FullyShardedDataParallel(nn.Module):  # stand-in: detection goes by class 
         self.module = module
 
 
-def test_fsdp1_is_refused_before_anything_changes(monkeypatch):
-    model = tiny_llama(0)
+def test_fsdp1_is_refused_before_anything_changes(monkeypatch, tiny_llama):
+    model = tiny_llama()
     with pytest.raises(DistributedSetupError, match=r"does not support FSDP \(FSDP version 1\).*fsdp_version: 2"):
         BlockOptimizer(FullyShardedDataParallel(model), lr=0.1)
     assert all(p.requires_grad for p in model.parameters())
@@ -231,7 +235,7 @@ def test_fsdp1_is_refused_before_anything_changes(monkeypatch):
     monkeypatch.setattr(AcceleratorState, "_shared_state", {})
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     monkeypatch.setenv("FSDP_VERSION", "1")
-    fresh = tiny_llama(0)
+    fresh = tiny_llama()
     with pytest.raises(DistributedSetupError, match="FSDP version 1"):
         BlockOptimizer(fresh, lr=0.1)
     assert all(p.requires_grad for p in fresh.parameters())
@@ -239,9 +243,9 @@ def test_fsdp1_is_refused_before_anything_changes(monkeypatch):
     check_engine(fresh)  # FSDP2 is supported
 
 
-def test_single_process_needs_no_attach():
+def test_single_process_needs_no_attach(tiny_llama):
     """One process without DDP: the guard steps aside (the single-process path is unchanged)."""
-    model = tiny_llama(0)
+    model = tiny_llama()
     opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=1)
     ids = batch(5, 0, 0, 0)
     model(input_ids=ids, labels=ids).loss.backward()
@@ -250,9 +254,9 @@ def test_single_process_needs_no_attach():
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
 
 
-def test_several_processes_without_process_group_refused_at_construction(monkeypatch):
+def test_several_processes_without_process_group_refused_at_construction(monkeypatch, tiny_llama):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    model = tiny_llama(0)
+    model = tiny_llama()
     with pytest.raises(DistributedSetupError, match=r"2 processes .*not initialised.*attach_ddp"):
         BlockOptimizer(model, lr=0.1)
     assert all(p.requires_grad for p in model.parameters())  # refused before touching the model

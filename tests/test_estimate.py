@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from badam_hf.cli import main
-from badam_hf.memory import GB, estimate
+from badam_hf.tools.cli import main
+from badam_hf.tools.estimate import GB, estimate
 
 # Table 2 of the paper (Llama 3-8B, GB): parameters / gradient / optimizer states.
 PAPER = {"BAdam": (16.1, 0.9, 2.6), "Adam (mixed precision)": (16.1, 32.1, 96.6)}

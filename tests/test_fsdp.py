@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_common import launch, load, read, run_processes  # tests/dist_workers/, on pytest's pythonpath
+
+pytestmark = pytest.mark.multiprocess  # every test here reads what a 2-process launch wrote
 
 WORKERS = Path(__file__).parent / "dist_workers"
-sys.path.insert(0, str(WORKERS))
-from dist_common import launch, load, read, run_processes, tiny_llama  # noqa: E402
 
 LAYER = [f"model.layers.{i}." for i in range(4)]
 ORDERS = {  # switch_every=2; ascending/descending revisit the first block after 8 steps
@@ -31,23 +32,23 @@ def out(tmp_path_factory):
     return path
 
 
-def layer_numel(i: int) -> int:
-    return sum(p.numel() for n, p in tiny_llama(0).named_parameters() if n.startswith(LAYER[i]))
+def layer_numel(tiny_llama, i: int) -> int:
+    return sum(p.numel() for n, p in tiny_llama().named_parameters() if n.startswith(LAYER[i]))
 
 
 @pytest.mark.parametrize("scenario", ["bf16", "ga_gc", "fp32"])
-def test_fsdp2_equals_gradient_averaging_reference(out, scenario):
+def test_fsdp2_equals_gradient_averaging_reference(out, scenario, tiny_llama):
     """Sharded training (bf16 weights with fp32 reduction, GA + checkpointing, fp32 weights) ends bit-identical
     to one process that averages the two ranks' gradients by hand (SGD, so the comparison is exact)."""
     trained, ref = load(out, scenario), load(out, f"{scenario}_ref")
     assert trained.keys() == ref.keys()
     assert all(torch.equal(trained[n], ref[n]) for n in ref), [n for n in ref if not torch.equal(trained[n], ref[n])]
-    initial = dict(tiny_llama(0).named_parameters())
+    initial = dict(tiny_llama().named_parameters())
     assert any(not torch.equal(trained[n].float(), initial[n].float()) for n in trained)
 
 
 @pytest.mark.parametrize("scenario", ["bf16", "ga_gc", "fp32", "upcast"])
-def test_only_the_active_block_moves_and_state_is_sharded(out, scenario):
+def test_only_the_active_block_moves_and_state_is_sharded(out, scenario, tiny_llama):
     for rank in (0, 1):
         rec = read(out, f"{scenario}_rank{rank}")
         blocks = [r["block"] for r in rec["records"]]
@@ -58,7 +59,7 @@ def test_only_the_active_block_moves_and_state_is_sharded(out, scenario):
             assert r["changed"], r
             assert all(n.startswith(LAYER[r["block"]]) for n in r["changed"]), r
             # fp32 masters for this rank's half of the active layer only (SGD keeps no moments).
-            assert r["state_bytes"] == 4 * layer_numel(r["block"]) // 2
+            assert r["state_bytes"] == 4 * layer_numel(tiny_llama, r["block"]) // 2
         switches = sum(a != b for a, b in zip(blocks, blocks[1:]))
         # At attach, at every switch, and at the switch the last step triggers (the runs end on a boundary).
         assert rec["refreshes"] == 1 + switches + 1
@@ -128,10 +129,10 @@ def test_trainer_fsdp2_loading_and_checkpointing_variants(trainer_out, variant):
     assert [r["block"] for r in read(trainer_out, f"{variant}_rank1")["records"]] == [0, 1, 2, 3, 0, 1]
 
 
-def test_trainer_fsdp2_checkpoint_resume_is_bit_exact(trainer_out):
+def test_trainer_fsdp2_checkpoint_resume_is_bit_exact(trainer_out, tiny_llama):
     both = load(trainer_out, "resume")
     assert all(torch.equal(both["straight"][n], both["resumed"][n]) for n in both["straight"])
-    initial = {n: p.detach().to(torch.bfloat16).float() for n, p in tiny_llama(0).named_parameters()}
+    initial = {n: p.detach().to(torch.bfloat16).float() for n, p in tiny_llama().named_parameters()}
     assert any(not torch.equal(both["straight"][n], initial[n]) for n in initial)
     for rank in (0, 1):
         assert read(trainer_out, f"resume_rank{rank}")["files"] == ["rank0-of-2.pt", "rank1-of-2.pt"]

@@ -10,13 +10,12 @@ import weakref
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
 from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup
 
-from badam_hf.config import BAdamConfigError
-from badam_hf.optimizer import BlockOptimizer
+from badam_hf.core.config import BAdamConfigError
+from badam_hf.core.optimizer import BlockOptimizer
 
-BUILDERS = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
+VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 LAYER_PREFIX = {"llama": "model.layers.", "qwen2": "model.layers.", "gpt2": "transformer.h."}
 
 
@@ -65,8 +64,8 @@ def fake_grads(opt, seed: int) -> None:
         ("gpt2", {"include_embedding": True, "include_lm_head": True}),
     ],
 )
-def test_only_active_block_changes(arch, extra):
-    model = BUILDERS[arch]()
+def test_only_active_block_changes(arch, extra, tiny_model):
+    model = tiny_model(arch)
     opt = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="ascending", **extra)
     expected_blocks = 4 + len(extra)
     assert opt.num_blocks == expected_blocks
@@ -93,7 +92,7 @@ def test_only_active_block_changes(arch, extra):
     assert sorted(set(seen)) == list(range(expected_blocks))
 
 
-def test_layer_blocks_cover_expected_names():
+def test_layer_blocks_cover_expected_names(tiny_llama):
     model = tiny_llama()
     opt = BlockOptimizer(model, switch_every=1, switch_mode="ascending")
     for i, block in enumerate(opt.partition.blocks):
@@ -105,7 +104,7 @@ def test_layer_blocks_cover_expected_names():
 
 
 @pytest.mark.parametrize("mode", ["ascending", "random", "descending"])
-def test_every_block_gets_exactly_k_steps(mode):
+def test_every_block_gets_exactly_k_steps(mode, tiny_llama):
     model = tiny_llama()
     D, K = 4, 3
     opt = BlockOptimizer(model, lr=1e-3, switch_every=K, switch_mode=mode, seed=5)
@@ -132,7 +131,7 @@ def test_every_block_gets_exactly_k_steps(mode):
     assert all(visits.count(b) == 2 * K for b in range(D))
 
 
-def test_random_order_is_reproducible_and_respects_start_block():
+def test_random_order_is_reproducible_and_respects_start_block(tiny_llama):
     orders = []
     for _ in range(2):
         opt = BlockOptimizer(tiny_llama(), switch_every=1, switch_mode="random", seed=11, start_block=2)
@@ -153,7 +152,7 @@ def _tensor_bytes(ts) -> int:
     return sum(t.numel() * t.element_size() for t in ts)
 
 
-def test_switch_frees_previous_block_state_bf16():
+def test_switch_frees_previous_block_state_bf16(tiny_llama):
     model = tiny_llama(dtype=torch.bfloat16)
     K = 2
     opt = BlockOptimizer(model, lr=1e-3, switch_every=K, switch_mode="ascending")
@@ -162,11 +161,11 @@ def test_switch_frees_previous_block_state_bf16():
     names1 = block_param_names(model, "model.layers.1.")
 
     # Block 0 trains; masters exist for its parameters only, and are fp32 copies.
-    assert set(opt._masters) == set(names0)
+    assert set(opt.masters) == set(names0)
     train_step(model, opt, batch(0))
     assert opt.active_block == 0
-    master_ref = weakref.ref(opt._masters[names0[0]])
-    moment_ref = weakref.ref(opt.inner.state[opt._masters[names0[0]]]["exp_avg"])
+    master_ref = weakref.ref(opt.masters[names0[0]])
+    moment_ref = weakref.ref(opt.inner.state[opt.masters[names0[0]]]["exp_avg"])
     assert master_ref() is not None and moment_ref() is not None
 
     train_step(model, opt, batch(1))  # K-th step: switches to block 1 inside step()
@@ -174,17 +173,17 @@ def test_switch_frees_previous_block_state_bf16():
     gc.collect()
     assert master_ref() is None, "the previous block's fp32 master is still alive after the switch"
     assert moment_ref() is None, "the previous block's Adam moment is still alive after the switch"
-    assert set(opt._masters) == set(names1)
+    assert set(opt.masters) == set(names1)
     assert len(opt.inner.state) == 0  # nothing for block 1 until it steps
 
     train_step(model, opt, batch(2))
-    masters = [opt._masters[n] for n in names1]
+    masters = [opt.masters[n] for n in names1]
     assert {id(k) for k in opt.inner.state} == {id(m) for m in masters}
     assert all(m.dtype == torch.float32 for m in masters)
     assert all(params[n].dtype == torch.bfloat16 for n in params)
 
     numel = sum(params[n].numel() for n in names1)  # from the model, independently of the optimizer
-    master_bytes = _tensor_bytes(opt._masters.values())
+    master_bytes = _tensor_bytes(opt.masters.values())
     moments = [v for st in opt.inner.state.values() for k, v in st.items() if k != "step"]
     steps = [st["step"] for st in opt.inner.state.values()]
     assert master_bytes == 4 * numel
@@ -196,13 +195,13 @@ def test_switch_frees_previous_block_state_bf16():
     assert mem["grads"] == 0  # zero_grad(set_to_none) ran
 
 
-def test_fp32_weights_have_no_masters():
+def test_fp32_weights_have_no_masters(tiny_llama):
     model = tiny_llama()
     opt = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="ascending")
     params = dict(model.named_parameters())
     for t in range(3):
         train_step(model, opt, batch(t))
-    assert opt._masters == {}
+    assert opt.masters == {}
     names1 = block_param_names(model, "model.layers.1.")
     assert {id(k) for k in opt.inner.state} == {id(params[n]) for n in names1}
     numel = sum(params[n].numel() for n in names1)
@@ -222,10 +221,10 @@ def _independent_decay_rule(name: str) -> bool:
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decay_groups_follow_hf_rule(arch, dtype):
+def test_decay_groups_follow_hf_rule(arch, dtype, tiny_model):
     from transformers import Trainer
 
-    model = BUILDERS[arch](dtype=dtype)
+    model = tiny_model(arch, dtype=dtype)
     hf_decay = set(Trainer.get_decay_parameter_names(None, model))
     if arch != "gpt2":
         assert hf_decay == {n for n, _ in model.named_parameters() if _independent_decay_rule(n)}
@@ -242,7 +241,7 @@ def test_decay_groups_follow_hf_rule(arch, dtype):
         assert decay and no_decay
         assert [id(p) for p in opt.param_groups[0]["params"]] == [id(params[n]) for n in decay]
         assert [id(p) for p in opt.param_groups[1]["params"]] == [id(params[n]) for n in no_decay]
-        targets = [opt._masters[n] if dtype != torch.float32 else params[n] for n in decay]
+        targets = [opt.masters[n] if dtype != torch.float32 else params[n] for n in decay]
         assert [id(p) for p in opt.inner.param_groups[0]["params"]] == [id(t_) for t_ in targets]
         assert len(opt.inner.param_groups[1]["params"]) == len(no_decay)
         assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
@@ -254,7 +253,7 @@ def test_decay_groups_follow_hf_rule(arch, dtype):
 
 
 @pytest.mark.parametrize("wd", [0.1, 0.0])
-def test_weight_decay_value_is_the_users(wd):
+def test_weight_decay_value_is_the_users(wd, tiny_llama):
     """With a zero gradient AdamW's update is pure decay: p * (1 - lr*wd) on the decay group, nothing on
     the no-decay group. wd=0.0 must leave everything untouched (AdamW's default 0.01 must not leak in)."""
     model = tiny_llama()
@@ -286,7 +285,7 @@ def _assert_same(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
 
 
 @pytest.mark.parametrize("start", [0, 2])
-def test_matches_plain_adamw_on_active_block_fp32(start):
+def test_matches_plain_adamw_on_active_block_fp32(start, tiny_llama):
     K, lr, wd = 3, 1e-3, 0.1
     model = tiny_llama()
     ref = tiny_llama()
@@ -327,7 +326,7 @@ def test_matches_plain_adamw_on_active_block_fp32(start):
 
 @pytest.mark.parametrize("factory", [get_cosine_schedule_with_warmup, get_linear_schedule_with_warmup])
 @pytest.mark.parametrize("inner", ["adamw", "sgd"])
-def test_lr_schedule_matches_plain_optimizer(factory, inner):
+def test_lr_schedule_matches_plain_optimizer(factory, inner, tiny_llama):
     N, K, lr = 14, 3, 1e-2
     model = tiny_llama()
     plain_model = tiny_llama()
@@ -365,7 +364,7 @@ def test_lr_schedule_matches_plain_optimizer(factory, inner):
 # --- gradient accumulation ---------------------------------------------------------------------------
 
 
-def test_gradient_accumulation_equals_big_batch():
+def test_gradient_accumulation_equals_big_batch(tiny_llama):
     GA, lr = 4, 1e-3
     big_model, acc_model = tiny_llama(), tiny_llama()
     # eps=1e-6: with the default 1e-8 a few gradient entries of the tiny model sit near eps, where Adam's
@@ -394,7 +393,7 @@ def test_gradient_accumulation_equals_big_batch():
 # --- state_dict round trip ---------------------------------------------------------------------------
 
 
-def _resume_pair(tmp_path, mode="random", seed=7, K=3, warm=4):
+def _resume_pair(tiny_llama, tmp_path, mode="random", seed=7, K=3, warm=4):
     model = tiny_llama(dtype=torch.bfloat16)
     opt = BlockOptimizer(model, lr=1e-2, weight_decay=0.1, switch_every=K, switch_mode=mode, seed=seed)
     for t in range(warm):
@@ -405,9 +404,9 @@ def _resume_pair(tmp_path, mode="random", seed=7, K=3, warm=4):
     return model, opt, sd, path
 
 
-def test_state_dict_round_trip_is_exact_bf16(tmp_path):
+def test_state_dict_round_trip_is_exact_bf16(tmp_path, tiny_llama):
     K = 3
-    model, opt, sd, path = _resume_pair(tmp_path, K=K, warm=4)
+    model, opt, sd, path = _resume_pair(tiny_llama, tmp_path, K=K, warm=4)
     assert opt.steps_in_block == 1  # mid-block
     badam = sd["badam"]
     assert badam["block"] == opt.active_block and badam["steps_in_block"] == 1 and badam["step"] == 4
@@ -428,7 +427,7 @@ def test_state_dict_round_trip_is_exact_bf16(tmp_path):
     opt2.load_state_dict(loaded)
     assert (opt2.global_step, opt2.active_block, opt2.steps_in_block) == (4, opt.active_block, 1)
     for n in active:
-        assert torch.equal(opt2._masters[n], opt._masters[n])
+        assert torch.equal(opt2.masters[n], opt.masters[n])
     for n, p in model2.named_parameters():
         assert p.requires_grad == (n in set(active)), n
 
@@ -443,9 +442,9 @@ def test_state_dict_round_trip_is_exact_bf16(tmp_path):
     assert len(blocks_seen) >= 3
 
 
-def test_state_dict_without_master_restore_would_differ(tmp_path):
+def test_state_dict_without_master_restore_would_differ(tmp_path, tiny_llama):
     """Sanity of the round-trip test: bf16 rounding makes the fp32 masters matter."""
-    model, opt, sd, _ = _resume_pair(tmp_path, warm=4)
+    model, opt, sd, _ = _resume_pair(tiny_llama, tmp_path, warm=4)
     master_vals = [e["master"] for e in sd["state"].values()]
     names = [n for n, _ in model.named_parameters()]
     params = dict(model.named_parameters())
@@ -453,8 +452,8 @@ def test_state_dict_without_master_restore_would_differ(tmp_path):
     assert any(not torch.equal(m, r) for m, r in zip(master_vals, rounded))
 
 
-def test_load_state_dict_errors(tmp_path):
-    model, opt, sd, _ = _resume_pair(tmp_path, mode="random", seed=7, K=3, warm=2)
+def test_load_state_dict_errors(tmp_path, tiny_llama):
+    model, opt, sd, _ = _resume_pair(tiny_llama, tmp_path, mode="random", seed=7, K=3, warm=2)
 
     fresh = tiny_llama(dtype=torch.bfloat16)
     other = BlockOptimizer(fresh, switch_every=3, switch_mode="random", seed=7)
@@ -479,7 +478,7 @@ def test_load_state_dict_errors(tmp_path):
 # --- inner optimizer choice --------------------------------------------------------------------------
 
 
-def test_inner_sgd_is_plain_gradient_step():
+def test_inner_sgd_is_plain_gradient_step(tiny_llama):
     lr = 0.05
     model = tiny_llama()
     opt = BlockOptimizer(model, lr=lr, inner_optimizer="sgd", inner_kwargs={"momentum": 0.0},
@@ -501,7 +500,7 @@ def test_inner_sgd_is_plain_gradient_step():
                 assert torch.equal(p, before[n]), n
 
 
-def test_inner_optimizer_dotted_path():
+def test_inner_optimizer_dotted_path(tiny_llama):
     model = tiny_llama()
     opt = BlockOptimizer(model, lr=0.1, inner_optimizer="torch.optim.Adagrad", switch_every=2,
                          switch_mode="ascending")
@@ -516,7 +515,7 @@ def test_inner_optimizer_dotted_path():
     assert all("sum" in st for st in opt.inner.state.values()) and len(opt.inner.state) > 0
 
 
-def test_unknown_inner_optimizer_is_refused():
+def test_unknown_inner_optimizer_is_refused(tiny_llama):
     with pytest.raises(BAdamConfigError, match="inner_optimizer"):
         BlockOptimizer(tiny_llama(), inner_optimizer="torch.optim.NoSuchThing")
 
@@ -524,13 +523,13 @@ def test_unknown_inner_optimizer_is_refused():
 # --- guards ------------------------------------------------------------------------------------------
 
 
-def test_no_train_or_eval_methods():
+def test_no_train_or_eval_methods(tiny_llama):
     opt = BlockOptimizer(tiny_llama())
     assert not hasattr(opt, "train")
     assert not hasattr(opt, "eval")
 
 
-def test_peft_model_is_refused():
+def test_peft_model_is_refused(tiny_llama):
     from peft import LoraConfig, get_peft_model
 
     peft_model = get_peft_model(tiny_llama(), LoraConfig(target_modules=["q_proj"], r=2))
@@ -538,7 +537,7 @@ def test_peft_model_is_refused():
         BlockOptimizer(peft_model)
 
 
-def test_more_than_one_process_is_refused(monkeypatch):
+def test_more_than_one_process_is_refused(monkeypatch, tiny_llama):
     monkeypatch.setenv("WORLD_SIZE", "2")
     model = tiny_llama()
     flags = [p.requires_grad for p in model.parameters()]
@@ -547,8 +546,8 @@ def test_more_than_one_process_is_refused(monkeypatch):
     assert [p.requires_grad for p in model.parameters()] == flags  # refused before touching the model
 
 
-def test_config_and_flat_kwargs_together_are_refused():
-    from badam_hf.config import BAdamConfig
+def test_config_and_flat_kwargs_together_are_refused(tiny_llama):
+    from badam_hf.core.config import BAdamConfig
 
     with pytest.raises(BAdamConfigError, match="not both"):
         BlockOptimizer(tiny_llama(), BAdamConfig(), switch_every=3)
@@ -557,24 +556,17 @@ def test_config_and_flat_kwargs_together_are_refused():
 # --- always-active task head ------------------------------------------------------------------------
 
 
-def test_always_active_head_keeps_master_and_moments_across_switches():
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, num_labels=3, pad_token_id=0,
-    )
-    model = LlamaForSequenceClassification(cfg).to(torch.bfloat16)
+def test_always_active_head_keeps_master_and_moments_across_switches(tiny_llama):
+    model = tiny_llama(dtype=torch.bfloat16, head="classification", num_labels=3, pad_token_id=0)
     opt = BlockOptimizer(model, lr=1e-2, switch_every=2, switch_mode="ascending")
     assert opt.partition.always_active == ["score.weight"]
     head = dict(model.named_parameters())["score.weight"]
-    master = opt._masters["score.weight"]
+    master = opt.masters["score.weight"]
     labels = torch.tensor([0, 2])
     for t in range(5):  # two switches
         block = opt.active_block
         assert head.requires_grad
-        assert set(opt._masters) == set(block_param_names(model, f"model.layers.{block}.")) | {"score.weight"}
+        assert set(opt.masters) == set(block_param_names(model, f"model.layers.{block}.")) | {"score.weight"}
         before = head.detach().clone()
         ids = batch(t) % (VOCAB - 1) + 1  # no pad token: every sequence is full length
         model(input_ids=ids, labels=labels).loss.backward()
@@ -582,6 +574,6 @@ def test_always_active_head_keeps_master_and_moments_across_switches():
         opt.zero_grad()
         assert not torch.equal(head, before)
         # Same master object and one Adam state whose step count runs on over the switches.
-        assert opt._masters["score.weight"] is master
+        assert opt.masters["score.weight"] is master
         assert opt.inner.state[master]["step"].item() == t + 1
     assert opt.active_block == 2

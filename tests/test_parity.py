@@ -11,21 +11,12 @@ import warnings
 import badam  # the authors' package (test extra)
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from badam_hf import BlockOptimizer
 
-
-VOCAB = 64
-
-
-def tiny_llama(layers=4, **extra):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, attention_dropout=0.0, tie_word_embeddings=False, **extra,
-    )
-    return LlamaForCausalLM(cfg).train()
+VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
+# The models compared: fp32, dropout 0, untied LM head, LlamaConfig's default max_position_embeddings, train mode.
+MODEL = dict(max_positions=None, attention_dropout=0.0, tie_word_embeddings=False, train=True)
 
 
 def batch(step):
@@ -64,9 +55,9 @@ def layer_params(model, i):
     return {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith(f"model.layers.{i}.")}
 
 
-def test_same_weights_as_reference_after_every_step():
+def test_same_weights_as_reference_after_every_step(tiny_llama):
     L, K, lr = 4, 3, 1e-2
-    ours_model = tiny_llama(L)
+    ours_model = tiny_llama(L, **MODEL)
     ref_model = copy.deepcopy(ours_model)
     init = {n: p.detach().clone() for n, p in ours_model.named_parameters()}
     ref = reference(ref_model, L, K, lr)
@@ -93,10 +84,10 @@ def test_same_weights_as_reference_after_every_step():
     assert changed == {n for n in init if n.startswith("model.layers.")}
 
 
-def test_documented_difference_first_block_gets_all_k_steps():
+def test_documented_difference_first_block_gets_all_k_steps(tiny_llama):
     """The reference switches after K-1 steps of its first block; ours gives every block K steps."""
     L, K, lr = 4, 3, 1e-2
-    ours_model = tiny_llama(L)
+    ours_model = tiny_llama(L, **MODEL)
     ref_model = copy.deepcopy(ours_model)
     layer1 = layer_params(ours_model, 1)
     ref = reference(ref_model, L, K, lr)
@@ -118,13 +109,13 @@ def test_documented_difference_first_block_gets_all_k_steps():
     assert ours.active_block == 1
 
 
-def test_documented_difference_no_weight_decay_on_norms_and_biases():
+def test_documented_difference_no_weight_decay_on_norms_and_biases(tiny_llama):
     """The reference builds its groups as {"weight_decay": wd, **base.defaults}, so the base optimizer's
     weight decay overrides the 0.0 of its no-decay group, and it tests `isinstance(param, <LayerNorm
     classes>)` on a Parameter, which never holds: every norm weight and bias gets decay. Ours follows HF
     Trainer's rule: decay for weight matrices only."""
     L, K, lr, wd = 2, 3, 1e-2, 0.5
-    ours_model = tiny_llama(L, attention_bias=True)
+    ours_model = tiny_llama(L, attention_bias=True, **MODEL)
     with torch.no_grad():  # biases start at zero, where decay would be invisible
         for n, p in ours_model.named_parameters():
             if n.endswith(".bias"):

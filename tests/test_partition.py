@@ -5,45 +5,12 @@ import re
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    LlamaForSequenceClassification,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    RobertaConfig,
-    RobertaForMultipleChoice,
-    RobertaForSequenceClassification,
-)
 
-from badam_hf.config import BAdamConfigError, PartitionConfig
-from badam_hf.partition import partition_model
+from badam_hf.core.config import BAdamConfigError, PartitionConfig
+from badam_hf.core.partition import partition_model
 
 L = 3  # layers in every tiny model
 
-
-def llama_cfg(**kw):
-    return LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, **kw)
-
-
-def roberta_cfg(**kw):
-    return RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=L,
-                         num_attention_heads=4, max_position_embeddings=40, **kw)
-
-
-BUILDERS = {
-    "llama": lambda: LlamaForCausalLM(llama_cfg()),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                                  num_hidden_layers=L, num_attention_heads=4, num_key_value_heads=2)),
-    "gpt2": lambda: GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=L, n_head=4, n_positions=32,
-                                               bos_token_id=0, eos_token_id=0)),
-    "roberta_cls": lambda: RobertaForSequenceClassification(roberta_cfg(num_labels=3)),
-    "roberta_mc": lambda: RobertaForMultipleChoice(roberta_cfg()),
-    "llama_cls": lambda: LlamaForSequenceClassification(llama_cfg(num_labels=2, pad_token_id=0)),
-}
 STACK = {
     "llama": "model.layers",
     "qwen2": "model.layers",
@@ -53,12 +20,23 @@ STACK = {
     "llama_cls": "model.layers",
 }
 HEAD = {"roberta_cls": "classifier", "roberta_mc": "classifier", "llama_cls": "score"}
+KINDS = list(STACK)
 
 
 @pytest.fixture(scope="module")
-def models():
+def models(tiny_llama, tiny_qwen2, tiny_gpt2, tiny_roberta):
+    """One model of each kind, built in this order from one seed (seed=None: the builders do not reseed)."""
     torch.manual_seed(0)
-    return {k: b() for k, b in BUILDERS.items()}
+    built = {}
+    built["llama"] = tiny_llama(layers=L, seed=None)
+    built["qwen2"] = tiny_qwen2(layers=L, seed=None, max_positions=None)
+    built["gpt2"] = tiny_gpt2(layers=L, seed=None, max_positions=32, dropout=None, bos_token_id=0, eos_token_id=0)
+    roberta = dict(layers=L, seed=None, type_vocab=None, dropout=None)
+    built["roberta_cls"] = tiny_roberta(**roberta, num_labels=3)
+    built["roberta_mc"] = tiny_roberta(**roberta, head="multiple_choice")
+    built["llama_cls"] = tiny_llama(layers=L, seed=None, head="classification", num_labels=2, pad_token_id=0)
+    assert list(built) == KINDS
+    return built
 
 
 def names(model):
@@ -82,7 +60,7 @@ def check_disjoint(part, model):
 # --- granularity=layer -------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_layer_granularity(models, kind):
     model = models[kind]
     part = partition_model(model)
@@ -214,10 +192,8 @@ def test_include_flags_gpt2_tied_head(models):
     assert len(emb) == L + 1
 
 
-def test_include_lm_head_tied_qwen2():
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+def test_include_lm_head_tied_qwen2(tiny_qwen2):
+    model = tiny_qwen2(layers=2, max_positions=None, tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     head = partition_model(model, PartitionConfig(include_lm_head=True))
     assert head.blocks[-1].param_names == ["model.embed_tokens.weight", "model.norm.weight"]
@@ -243,7 +219,7 @@ def test_include_lm_head_with_task_head(models):
 # --- always_active ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", KINDS)
 def test_always_active_default(models, kind):
     model = models[kind]
     part = partition_model(model)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import VOCAB, tiny_llama
 from transformers import Trainer
 
-from badam_hf.config import BAdamConfigError
-from badam_hf.optimizer import BlockOptimizer
+from badam_hf.core.config import BAdamConfigError
+from badam_hf.core.optimizer import BlockOptimizer
+
+VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 
 
 def batch(seed: int, bs: int = 2, seq: int = 8) -> torch.Tensor:
@@ -28,7 +29,7 @@ def active_names(opt) -> list[str]:
 # --- bf16 weights ------------------------------------------------------------------------------------
 
 
-def test_bf16_masters_match_fp32_adamw_reference():
+def test_bf16_masters_match_fp32_adamw_reference(tiny_llama):
     """The fp32 masters follow exactly the trajectory of torch AdamW run in fp32 on the same gradients
     (upcast from bf16), and the bf16 weights are the masters rounded to bf16."""
     K, lr, wd = 3, 1e-3, 0.1
@@ -40,9 +41,9 @@ def test_bf16_masters_match_fp32_adamw_reference():
     for block in range(2):  # two blocks: the second starts from fresh masters of the updated weights
         names = active_names(opt)
         assert opt.active_block == block
-        refs = {n: opt._masters[n].clone() for n in names}
+        refs = {n: opt.masters[n].clone() for n in names}
         for n in names:
-            assert opt._masters[n].dtype == torch.float32
+            assert opt.masters[n].dtype == torch.float32
             assert torch.equal(refs[n], params[n].float())  # a fresh master is the weight, upcast
         ref_opt = torch.optim.AdamW(
             [
@@ -58,7 +59,7 @@ def test_bf16_masters_match_fp32_adamw_reference():
                 assert params[n].grad.dtype == torch.bfloat16
                 refs[n].grad = params[n].grad.float()
             before = snapshot(model)
-            masters = [opt._masters[n] for n in names]  # the step may switch blocks and free them
+            masters = [opt.masters[n] for n in names]  # the step may switch blocks and free them
             opt.step()
             opt.zero_grad()
             ref_opt.step()
@@ -75,7 +76,7 @@ def test_bf16_masters_match_fp32_adamw_reference():
             step += 1
 
 
-def test_bf16_loss_falls_when_overfitting():
+def test_bf16_loss_falls_when_overfitting(tiny_llama):
     model = tiny_llama(dtype=torch.bfloat16)
     opt = BlockOptimizer(model, lr=1e-2, switch_every=5, switch_mode="ascending")
     ids = batch(0, bs=4, seq=16)
@@ -91,7 +92,7 @@ def test_bf16_loss_falls_when_overfitting():
     assert losses[-1] < losses[0] - 0.4, losses
 
 
-def test_fp16_weights_are_refused():
+def test_fp16_weights_are_refused(tiny_llama):
     model = tiny_llama(dtype=torch.float16)
     flags = [p.requires_grad for p in model.parameters()]
     with pytest.raises(BAdamConfigError, match=r"float16 weights.*bfloat16"):
@@ -111,7 +112,7 @@ def _cpu_grad_scaler(**kwargs):
         pytest.skip(f"GradScaler('cpu') is not available: {e}")
 
 
-def test_grad_scaler_steps_equal_unscaled_steps():
+def test_grad_scaler_steps_equal_unscaled_steps(tiny_llama):
     """Scaling by a power of two is exact, so a scaled run equals an unscaled one bit for bit."""
     scaler = _cpu_grad_scaler(init_scale=2.0**12)
     scaled_model, plain_model = tiny_llama(), tiny_llama()
@@ -135,7 +136,7 @@ def test_grad_scaler_steps_equal_unscaled_steps():
     assert scaler.get_scale() == 2.0**12
 
 
-def test_grad_scaler_with_fp16_autocast_trains():
+def test_grad_scaler_with_fp16_autocast_trains(tiny_llama):
     scaler = _cpu_grad_scaler(init_scale=2.0**10)
     model = tiny_llama()
     opt = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="ascending")
@@ -155,7 +156,7 @@ def test_grad_scaler_with_fp16_autocast_trains():
     assert opt.global_step == 2 and opt.active_block == 1
 
 
-def test_grad_scaler_skipped_step_changes_nothing():
+def test_grad_scaler_skipped_step_changes_nothing(tiny_llama):
     K = 2
     scaler = _cpu_grad_scaler(init_scale=2.0**10)
     model = tiny_llama()

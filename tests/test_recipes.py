@@ -2,6 +2,7 @@
 optimizer steps on a tiny config-built model and a small local file in the recipe's data format."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -309,3 +310,37 @@ def test_data_errors_name_the_field_and_record(tmp_path):
     ov = tiny_overrides("demo", tmp_path) + [f"data.dataset={tmp_path / 'nope.jsonl'}"]
     with pytest.raises(RecipeError, match=r"data.dataset=.*nope.jsonl.*no such file"):
         R.build(load_recipe("demo", ov))
+
+
+def test_validation_collects_every_problem(tmp_path):
+    p = _write(tmp_path, BASE)
+    overrides = ["extra.key=1", "model.nmae=x", "model.dtype=int8", "data.cutoff_len=long", "data.val_size=1.5",
+                 "badam.switch_every=0", "badam.switch_mode=sideways", "badam.switch_evry=3",
+                 "training.learnig_rate=1e-5", "training.bf16=maybe", "training.eval_strategy=steps"]
+    with pytest.raises(RecipeError) as err:
+        load_recipe(p, overrides)
+    problems = err.value.problems
+    assert str(err.value).splitlines() == problems and all(x.startswith(f"{p}: ") for x in problems)
+    expected = [r"unknown section\(s\) 'extra'", r"unknown key\(s\) 'nmae' in section 'model'",
+                r"model.dtype='int8' is not valid", r"data.cutoff_len='long' has the wrong type",
+                r"data.val_size=1.5 must be a fraction", r"unknown key\(s\) 'switch_evry'",
+                r"badam.switch_every=0 is not valid", r"switch_mode='sideways' is not valid",
+                r"'learnig_rate' \(did you mean 'learning_rate'\?\)", r"training.bf16='maybe' has the wrong type"]
+    assert len(problems) == len(expected), "\n".join(problems)
+    for pattern, problem in zip(expected, problems):
+        assert re.search(pattern, problem), (pattern, problem)
+    # A rule between keys stays quiet when one of its keys is already reported: no "no evaluation data" for the
+    # bad val_size. Without that key's own problem, the rule speaks.
+    with pytest.raises(RecipeError, match="no evaluation data") as err:
+        load_recipe(p, ["training.eval_strategy=steps", "badam.switch_every=0"])
+    assert len(err.value.problems) == 2
+
+
+def test_bad_overrides_are_reported_together(tmp_path):
+    with pytest.raises(RecipeError) as err:
+        load_recipe(_write(tmp_path, BASE), ["training", "training.max_steps=3", "badam=1", "model.name_or_path.x=1"])
+    problems = err.value.problems
+    assert len(problems) == 3, problems
+    assert "override 'training' on the command line is not section.key=value" in problems[0]
+    assert "override 'badam=1'" in problems[1] and "must be dotted" in problems[1]
+    assert "override 'model.name_or_path.x=1': model.name_or_path is not a section" in problems[2]

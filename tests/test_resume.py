@@ -6,23 +6,14 @@ import shutil
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 
 from badam_hf import BAdamTrainer
-from badam_hf.trainer import unwrap_optimizer
+from badam_hf.core.optimizer import unwrap_optimizer
 
 VOCAB = 64
 K, SAVE, MAX = 3, 4, 10  # the checkpoint at step 4 falls one step into the second block
 OPTIM_ARGS = f"switch_every={K},switch_mode=random,seed=7"
-
-
-def build_model(dtype: torch.dtype, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, attention_dropout=0.0,
-    )
-    return LlamaForCausalLM(cfg).to(dtype)
 
 
 def data(n: int = 24, seq: int = 12) -> list[dict]:
@@ -41,31 +32,32 @@ class BlockRecorder(TrainerCallback):
         self.blocks[state.global_step] = unwrap_optimizer(optimizer).active_block
 
 
-def make_trainer(out, dtype, max_steps=MAX, model_seed=0):
+def make_trainer(tiny_llama, out, dtype, max_steps=MAX, model_seed=0):
     args = TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
         lr_scheduler_type="cosine", warmup_steps=2, weight_decay=0.1, save_strategy="steps", save_steps=SAVE,
         report_to="none", use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0, optim_args=OPTIM_ARGS,
     )
     rec = BlockRecorder()
-    trainer = BAdamTrainer(model=build_model(dtype, model_seed), args=args, train_dataset=data(), callbacks=[rec])
+    model = tiny_llama(dtype=dtype, seed=model_seed, attention_dropout=0.0)
+    trainer = BAdamTrainer(model=model, args=args, train_dataset=data(), callbacks=[rec])
     return trainer, rec
 
 
 @pytest.fixture(scope="module", params=[torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def full_run(request, tmp_path_factory):
+def full_run(request, tmp_path_factory, tiny_llama):
     """One uninterrupted run; its checkpoint-4 is the resume point of the other runs."""
     out = tmp_path_factory.mktemp(f"full_{str(request.param).split('.')[-1]}")
-    trainer, rec = make_trainer(out, request.param)
+    trainer, rec = make_trainer(tiny_llama, out, request.param)
     trainer.train()
     return request.param, out, trainer, rec
 
 
-def test_resume_mid_block_is_bit_exact(full_run, tmp_path):
+def test_resume_mid_block_is_bit_exact(full_run, tmp_path, tiny_llama):
     dtype, out, full, full_rec = full_run
     ckpt = out / f"checkpoint-{SAVE}"
     # A freshly built model with other initial weights: everything must come from the checkpoint.
-    resumed, rec = make_trainer(tmp_path / "resumed", dtype, model_seed=1)
+    resumed, rec = make_trainer(tiny_llama, tmp_path / "resumed", dtype, model_seed=1)
     resumed.train(resume_from_checkpoint=str(ckpt))
 
     assert resumed.state.global_step == MAX
@@ -104,12 +96,12 @@ def test_optimizer_checkpoint_content(full_run):
             assert entry["master"].dtype == torch.float32
 
 
-def test_resume_without_optimizer_state_seeks_the_schedule(full_run, tmp_path):
+def test_resume_without_optimizer_state_seeks_the_schedule(full_run, tmp_path, tiny_llama):
     dtype, out, full, full_rec = full_run
     ckpt = tmp_path / f"checkpoint-{SAVE}"
     shutil.copytree(out / f"checkpoint-{SAVE}", ckpt)
     (ckpt / "optimizer.pt").unlink()
-    resumed, rec = make_trainer(tmp_path / "resumed", dtype, max_steps=SAVE + 3)
+    resumed, rec = make_trainer(tiny_llama, tmp_path / "resumed", dtype, max_steps=SAVE + 3)
     resumed.train(resume_from_checkpoint=str(ckpt))
     # The block (and its remaining steps) follows from the step count even without the optimizer state.
     assert rec.blocks == {s: full_rec.blocks[s] for s in range(SAVE, SAVE + 3)}

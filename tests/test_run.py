@@ -29,6 +29,7 @@ def _layer_params(params, i):
     return {n for n in params if n.startswith(f"model.layers.{i}.")}
 
 
+@pytest.mark.integration
 def test_stock_script_trains_with_badam_through_the_launcher(tmp_path):
     out = tmp_path / "out"
     proc = _run(["-m", "badam_hf.run", str(SCRIPT), "--output_dir", str(out), "--optim", "badam",
@@ -44,6 +45,7 @@ def test_stock_script_trains_with_badam_through_the_launcher(tmp_path):
     assert set(result["changed"]) == _layer_params(params, 0) | _layer_params(params, 1) | _layer_params(params, 2)
 
 
+@pytest.mark.integration
 def test_stock_script_without_the_launcher_rejects_optim_badam(tmp_path):
     out = tmp_path / "out"
     proc = _run([str(SCRIPT), "--output_dir", str(out), "--optim", "badam", *COMMON])
@@ -52,6 +54,7 @@ def test_stock_script_without_the_launcher_rejects_optim_badam(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.integration
 def test_module_form_rejects_bad_optim_args_before_training(tmp_path):
     # `-m MODULE` form, run from the scripts folder as `python -m train_clm` would be.
     out = tmp_path / "out"
@@ -63,6 +66,7 @@ def test_module_form_rejects_bad_optim_args_before_training(tmp_path):
     assert not out.exists()  # nothing written: no model built, no checkpoint
 
 
+@pytest.mark.integration
 def test_one_import_line_variant_in_process(tmp_path, monkeypatch):
     # badam_hf is already imported in this process; the variant script shows the one-line usage.
     out = tmp_path / "out"

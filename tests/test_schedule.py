@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 
-from badam_hf.config import BAdamConfigError, ScheduleConfig
-from badam_hf.schedule import BlockSchedule
+from badam_hf.core.config import BAdamConfigError, ScheduleConfig
+from badam_hf.core.schedule import BlockSchedule
 
 
 def sched(D, **kw):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from badam_hf import superglue as sg
-from badam_hf.superglue import SuperGlueFormatError
+from badam_hf.data import superglue as sg
+from badam_hf.data.superglue import SuperGlueFormatError
 
 BOOLQ = {"question": "is the sky blue", "passage": "The sky is blue on clear days.", "label": True}
 RTE = {"premise": "A cat sat on the mat.", "hypothesis": "An animal sat.", "label": "entailment"}

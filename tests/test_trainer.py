@@ -7,57 +7,18 @@ import os
 import pytest
 import torch
 from torch import nn
-from transformers import (
-    GPT2Config,
-    GPT2LMHeadModel,
-    HfArgumentParser,
-    LlamaConfig,
-    LlamaForCausalLM,
-    RobertaConfig,
-    RobertaForSequenceClassification,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import HfArgumentParser, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 import badam_hf
 from badam_hf import BAdamCallback, BAdamConfig, BAdamConfigError, BAdamTrainer, BlockOptimizer, make_badam_trainer
-from badam_hf.config import ScheduleConfig
-from badam_hf.schedule import BlockSchedule
-from badam_hf.trainer import unwrap_optimizer
+from badam_hf.core.config import ScheduleConfig
+from badam_hf.core.schedule import BlockSchedule
+from badam_hf.core.optimizer import unwrap_optimizer
 
-VOCAB = 64
-
-
-# --- tiny models, data, arguments ----------------------------------------------------------------
+VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 
 
-def tiny_llama(layers: int = 4, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
-
-
-def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
-    torch.manual_seed(seed)
-    cfg = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )
-    return GPT2LMHeadModel(cfg)
-
-
-def tiny_roberta_cls(seed: int = 0) -> RobertaForSequenceClassification:
-    torch.manual_seed(seed)
-    cfg = RobertaConfig(
-        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        max_position_embeddings=64, type_vocab_size=1, pad_token_id=1, num_labels=2,
-        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-    )
-    return RobertaForSequenceClassification(cfg)
+# --- data, arguments -----------------------------------------------------------------------------
 
 
 def lm_data(n: int = 32, seq: int = 12, seed: int = 0) -> list[dict]:
@@ -149,7 +110,7 @@ def test_optim_badam_accepted_everywhere_arguments_are_parsed(tmp_path):
 # --- a plain transformers.Trainer with --optim badam ---------------------------------------------
 
 
-def test_plain_trainer_with_optim_badam(tmp_path):
+def test_plain_trainer_with_optim_badam(tmp_path, tiny_llama):
     model = tiny_llama()
     before = snapshot(model)
     args = targs(tmp_path, optim="badam", optim_args="switch_every=2,switch_mode=ascending", max_steps=4)
@@ -173,9 +134,9 @@ def test_plain_trainer_with_optim_badam(tmp_path):
 # --- BAdamTrainer ------------------------------------------------------------------------------------
 
 
-def test_badam_trainer_visits_each_block_exactly_k_steps(tmp_path):
+def test_badam_trainer_visits_each_block_exactly_k_steps(tmp_path, tiny_gpt2):
     D, K = 3, 2
-    model = tiny_gpt2()
+    model = tiny_gpt2(layers=3)
     before = snapshot(model)
     cfg = BAdamConfig(schedule=ScheduleConfig(switch_every=K, switch_mode="random", seed=3))
     # args.optim stays at its default; badam_config= wins over args.optim_args.
@@ -196,7 +157,7 @@ def test_badam_trainer_visits_each_block_exactly_k_steps(tmp_path):
     assert changed(model, before) == layers
 
 
-def test_no_switch_inside_gradient_accumulation_window(tmp_path):
+def test_no_switch_inside_gradient_accumulation_window(tmp_path, tiny_llama):
     model = tiny_llama(layers=3)
     # Which layer trains in each forward pass (micro-batch).
     per_forward: list[list[int]] = []
@@ -218,8 +179,8 @@ def test_no_switch_inside_gradient_accumulation_window(tmp_path):
     assert per_forward == [[0]] * 4 + [[1]] * 4  # 2 optimizer steps x 2 micro-batches per block
 
 
-def test_roberta_classifier_always_active(tmp_path):
-    model = tiny_roberta_cls()
+def test_roberta_classifier_always_active(tmp_path, tiny_roberta):
+    model = tiny_roberta(layers=2, max_positions=64, pad_token_id=1, num_labels=2)
     head = {n for n, _ in model.named_parameters() if n.startswith("classifier.")}
     assert head
     history: list[set[str]] = []
@@ -245,7 +206,7 @@ def test_roberta_classifier_always_active(tmp_path):
         assert diff == head | layer_params(model, "roberta.encoder.layer", layer), step
 
 
-def test_make_badam_trainer_on_custom_subclass(tmp_path):
+def test_make_badam_trainer_on_custom_subclass(tmp_path, tiny_llama):
     calls = []
 
     class MyTrainer(Trainer):
@@ -282,19 +243,15 @@ def _word_tokenizer():
     ), words
 
 
-def test_make_badam_trainer_trl_sft(tmp_path):
+def test_make_badam_trainer_trl_sft(tmp_path, tiny_llama):
     import datasets
     import trl
     tok, words = _word_tokenizer()
     g = torch.Generator().manual_seed(0)
     texts = [" ".join(words[j] for j in torch.randint(0, len(words), (8,), generator=g).tolist()) for _ in range(16)]
     ds = datasets.Dataset.from_dict({"text": texts})
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-    ))
+    model = tiny_llama(layers=2, vocab=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                       bos_token_id=tok.bos_token_id)
     before = snapshot(model)
     cfg = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=4, learning_rate=1e-3,
@@ -325,7 +282,7 @@ class NoStack(nn.Module):
         return {"loss": loss, "logits": logits}
 
 
-def test_errors_at_construction_before_any_file_is_written(tmp_path):
+def test_errors_at_construction_before_any_file_is_written(tmp_path, tiny_llama):
     import peft
     out = tmp_path / "out"
     data = lm_data(8)
@@ -366,7 +323,7 @@ def test_custom_model_with_explicit_target_modules(tmp_path):
 # --- learning-rate schedule and checkpoints ------------------------------------------------------
 
 
-def test_lr_schedule_matches_adamw(tmp_path):
+def test_lr_schedule_matches_adamw(tmp_path, tiny_llama):
     used = {}
 
     class LR(TrainerCallback):
@@ -391,7 +348,7 @@ def test_lr_schedule_matches_adamw(tmp_path):
     assert [lrs[0] for lrs in used["badam"]] == logged["badam"]
 
 
-def test_checkpoint_loads_with_plain_from_pretrained(tmp_path):
+def test_checkpoint_loads_with_plain_from_pretrained(tmp_path, tiny_llama):
     model = tiny_llama(3)
     args = targs(tmp_path, max_steps=4, save_strategy="steps", save_steps=4,
                  optim_args="switch_every=1,switch_mode=random,seed=1")

@@ -12,14 +12,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import trl  # a hard dependency of this test: trl is in the test extra
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from tiny_models import VOCAB, tiny_llama
+pytestmark = pytest.mark.integration
 
+VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 SFT_SCRIPT = Path(trl.__file__).parent / "scripts" / "sft.py"
 SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
 WORDS = "zero one two three four five six seven eight nine repeat reverse please".split()
@@ -60,7 +62,7 @@ def _run(args, cache):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
-def test_trl_sft_script_trains_only_the_scheduled_blocks(tmp_path):
+def test_trl_sft_script_trains_only_the_scheduled_blocks(tmp_path, tiny_llama):
     model_dir, data_dir, out = tmp_path / "model", tmp_path / "data", tmp_path / "out"
     tiny_llama().save_pretrained(model_dir)
     _tokenizer().save_pretrained(model_dir)

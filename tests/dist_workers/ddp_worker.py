@@ -1,6 +1,6 @@
 """torchrun worker: BlockOptimizer + DistributedDataParallel in a plain PyTorch loop (CPU, gloo).
 
-Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_worker.py OUT_DIR
+Usage: PYTHONPATH=.. python -m torch.distributed.run --standalone --nproc_per_node 2 ddp_worker.py OUT_DIR
 
 For each scenario every rank writes its final parameters ({name}_rank{r}.pt) and per-step records
 ({name}_rank{r}.json: active block, trainable names, names that changed). Rank 0 then also computes the
@@ -17,11 +17,12 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import averaged_gradient_run, batch, error_of, finish, params_cpu, tiny_llama, training_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, error_of, finish, params_cpu, training_llama, write_json
+from tiny_models import tiny_llama
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.distributed import DistributedSetupError, attach_ddp  # noqa: E402
+from badam_hf.engines.common import set_engine_sync
 
 WORLD = 2
 SCENARIOS = [
@@ -56,7 +57,7 @@ def run_ddp(sc, rank, out):
         sync = attach_ddp(ddp, opt)
     else:  # negative control: what happens without the glue (the guard is bypassed on purpose)
         sync = None
-        opt._badam_sync = "unattached control"
+        set_engine_sync(opt, "unattached control")
     records = []
     for step in range(sc["steps"]):
         before = params_cpu(model)
@@ -93,7 +94,7 @@ def run_guard(rank, out):
     """More than one process and no attached DDP wrapper: the first step must refuse."""
     result = {}
     for case in ("no_ddp", "unattached_ddp"):
-        model = tiny_llama(0)
+        model = tiny_llama()
         opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2)
         fwd = DDP(model) if case == "unattached_ddp" else model
         ids = batch(9, 0, 0, rank)
@@ -103,7 +104,7 @@ def run_guard(rank, out):
         after = params_cpu(model)
         result[case + "_unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
     # Ranks configured differently (start_block differs): attach_ddp notices before any step.
-    model = tiny_llama(0)
+    model = tiny_llama()
     opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, start_block=rank)
     result["mismatch"] = error_of(lambda: attach_ddp(DDP(model), opt), DistributedSetupError)
     write_json(os.path.join(out, f"guard_rank{rank}.json"), result)

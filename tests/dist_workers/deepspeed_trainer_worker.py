@@ -1,6 +1,6 @@
 """torchrun worker: Hugging Face Trainer + BAdam under DeepSpeed ZeRO-3 (CPU, gloo, DS_ACCELERATOR=cpu).
 
-Usage: DS_ACCELERATOR=cpu python -m torch.distributed.run --standalone --nproc_per_node 2 \
+Usage: DS_ACCELERATOR=cpu PYTHONPATH=.. python -m torch.distributed.run --standalone --nproc_per_node 2 \
            deepspeed_trainer_worker.py OUT_DIR
 
 Runs, with configs/deepspeed_zero3.json (its "auto" values filled by the Trainer):
@@ -21,14 +21,15 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import CPU_TRAINER_ARGS, Tokens, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+from dist_common import CPU_TRAINER_ARGS, Tokens, finish, params_cpu, write_json
+from tiny_models import tiny_llama
 
 import deepspeed  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from badam_hf import BAdamTrainer  # noqa: E402  (importing badam_hf registers --optim badam)
-from badam_hf.trainer import unwrap_optimizer  # noqa: E402
+from badam_hf.core.optimizer import unwrap_optimizer  # noqa: E402
+from badam_hf.engines.common import engine_sync
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "deepspeed_zero3.json")
 
@@ -76,16 +77,16 @@ def make_args(out, name, steps, ga=1, gc=False, bf16=False, optim="badam", optim
 
 
 def zero_init_llama():
-    """tiny_llama(0)'s architecture, built the way from_pretrained builds models under ZeRO-3."""
+    """tiny_llama()'s architecture, built the way from_pretrained builds models under ZeRO-3."""
     from transformers import LlamaForCausalLM
 
-    cfg = tiny_llama(0).config
+    cfg = tiny_llama().config
     torch.manual_seed(0)
     return LlamaForCausalLM._from_config(cfg)  # under deepspeed.zero.Init while a ZeRO-3 config is alive
 
 
 def run(out, rank, name, cls, args, resume=None, zero_init=False):
-    model = zero_init_llama() if zero_init else tiny_llama(0)
+    model = zero_init_llama() if zero_init else tiny_llama()
     initial = gathered(model)
     log = BlockLog()
     try:
@@ -95,7 +96,7 @@ def run(out, rank, name, cls, args, resume=None, zero_init=False):
         return
     trainer.train(resume_from_checkpoint=resume)
     opt = unwrap_optimizer(trainer.optimizer)
-    sync = opt._badam_sync
+    sync = engine_sync(opt)
     final = gathered(trainer.model)
     torch.save({"initial": initial, "final": final}, os.path.join(out, f"{name}_rank{rank}.pt"))
     write_json(

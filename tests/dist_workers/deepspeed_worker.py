@@ -1,6 +1,7 @@
 """torchrun worker: BlockOptimizer under DeepSpeed ZeRO-3 in a plain loop (CPU, gloo, DS_ACCELERATOR=cpu).
 
-Usage: DS_ACCELERATOR=cpu python -m torch.distributed.run --standalone --nproc_per_node 2 deepspeed_worker.py OUT
+Usage: DS_ACCELERATOR=cpu PYTHONPATH=.. python -m torch.distributed.run --standalone --nproc_per_node 2 \
+           deepspeed_worker.py OUT
 
 For each scenario every rank writes its final full parameters, gathered from the ZeRO-3 shards
 ({name}_rank{r}.pt), and per-step records ({name}_rank{r}.json: active block, trainable names, names that
@@ -17,14 +18,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import averaged_gradient_run, batch, finish, params_cpu, tiny_llama, training_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, finish, params_cpu, training_llama, write_json
+from tiny_models import tiny_llama
 
 import deepspeed  # noqa: E402
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.deepspeed_zero3 import attach_deepspeed  # noqa: E402
 from badam_hf.distributed import DistributedSetupError  # noqa: E402
+from badam_hf.engines.common import set_engine_sync
 
 WORLD = 2
 LR = 0.5
@@ -99,7 +101,7 @@ def run_ds(sc, rank, out):
             "trainable": opt.trainable_names,
             "ds_trainable": sorted(names[id(p)] for g in zero.fp16_groups for p in g),
             "sub_groups": len(zero.fp16_groups),
-            "masters": len(opt._masters),
+            "masters": len(opt.masters),
             "groups": len(opt.param_groups),
         }
         calls["n"] = 0
@@ -130,9 +132,9 @@ def run_reference(sc, out):
 
 def run_bf16(rank, out):
     """bf16 weights: DeepSpeed keeps the fp32 masters (BlockOptimizer keeps none); AdamW inner optimizer."""
-    model = tiny_llama(0).to(torch.bfloat16)
+    model = tiny_llama(dtype=torch.bfloat16)
     opt = BlockOptimizer(model, lr=1e-2, switch_every=2, switch_mode="ascending")
-    masters_before = len(opt._masters)
+    masters_before = len(opt.masters)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(bf16={"enabled": True}))
     attach_deepspeed(engine, opt)
     initial = gathered(model)
@@ -154,7 +156,7 @@ def run_bf16(rank, out):
             "changed": [n for n in final if not torch.equal(final[n], initial[n])],
             "dtypes": sorted({str(t.dtype) for t in final.values()}),
             "masters_before_attach": masters_before,
-            "masters_after": len(opt._masters),
+            "masters_after": len(opt.masters),
             "ds_master_dtypes": sorted(fp32_dtypes),
             "state_on_flats": state_on_flats,
             "inner_state_after_switch": len(opt.inner.state),
@@ -178,10 +180,10 @@ def run_errors(rank, out):
     for case in ("unattached", "unattached_single"):
 
         def unattached(case=case):
-            model = tiny_llama(0)
+            model = tiny_llama()
             opt = BlockOptimizer(model, lr=LR, inner_optimizer="sgd", switch_every=2)
             if case == "unattached_single":  # what one process sees: no multi-process first-step guard
-                opt._badam_sync = "guard bypassed"
+                set_engine_sync(opt, "guard bypassed")
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config())
             ids = batch(7, 0, 0, rank)
             engine.backward(engine(input_ids=ids, labels=ids).loss)
@@ -193,7 +195,7 @@ def run_errors(rank, out):
         result[case] = attempt(unattached)
 
     def with_config(**kwargs):
-        model = tiny_llama(0)
+        model = tiny_llama()
         opt = BlockOptimizer(model, lr=LR, inner_optimizer="sgd", switch_every=2)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(**kwargs))
         attach_deepspeed(engine, opt)
@@ -204,7 +206,7 @@ def run_errors(rank, out):
     result["offload_param"] = attempt(lambda: with_config(zero={"offload_param": {"device": "cpu"}}))
 
     def always_active():
-        model = tiny_llama(0)
+        model = tiny_llama()
         opt = BlockOptimizer(model, lr=LR, inner_optimizer="sgd", switch_every=2, always_active=["model.norm"])
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config())
         attach_deepspeed(engine, opt)
@@ -214,7 +216,7 @@ def run_errors(rank, out):
     for stage in (1, 2):
 
         def zero12(stage=stage):
-            model = tiny_llama(0)
+            model = tiny_llama()
             opt = BlockOptimizer(model, lr=LR, inner_optimizer="sgd", switch_every=2)
             engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(stage=stage))
             attach_deepspeed(engine, opt)
@@ -222,7 +224,7 @@ def run_errors(rank, out):
         result[f"stage{stage}"] = attempt(zero12)
 
     def mismatch():
-        model = tiny_llama(0)
+        model = tiny_llama()
         opt = BlockOptimizer(model, lr=LR, inner_optimizer="sgd", switch_every=2, start_block=rank)
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config())
         attach_deepspeed(engine, opt)

@@ -8,25 +8,10 @@ import subprocess
 import sys
 
 import torch
+from tiny_models import VOCAB, tiny_llama  # tests/, on PYTHONPATH (run_processes puts it there)
 
-VOCAB = 64
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 12
-
-
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(cfg)
 
 
 def batch(tag: int, step: int, micro: int, rank: int, size: int = 2) -> torch.Tensor:
@@ -36,8 +21,8 @@ def batch(tag: int, step: int, micro: int, rank: int, size: int = 2) -> torch.Te
 
 
 def training_llama(gc=None):
-    """tiny_llama(0) in train mode; `gc`: None (no checkpointing) or use_reentrant for HF checkpointing."""
-    model = tiny_llama(0)
+    """tiny_llama() in train mode; `gc`: None (no checkpointing) or use_reentrant for HF checkpointing."""
+    model = tiny_llama()
     model.train()
     if gc is not None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": gc})
@@ -68,7 +53,9 @@ def averaged_gradient_run(model, opt, tag: int, steps: int, ga: int, reduce=None
     are computed in turn and averaged by hand, then the optimizer steps. `reduce`: the dtype gradients are
     accumulated and averaged in before being stored in the weights' dtype (FSDP2's reduce dtype); None: the
     weights' dtype (DDP, ZeRO-3)."""
-    opt._badam_sync = "single-process reference"  # this process is in a 2-rank group: bypass the guard
+    from badam_hf.engines.common import set_engine_sync
+
+    set_engine_sync(opt, "single-process reference")  # this process is in a 2-rank group: bypass the guard
     for step in range(steps):
         grads = [{} for _ in range(world)]
         for rank in range(world):
@@ -141,9 +128,10 @@ def enable_accelerate_fsdp_on_cpu() -> None:
 
 
 def run_processes(cmd: list[str], extra_env: dict | None = None, timeout: int = 180):
-    """Run a multi-process launch (torchrun, accelerate launch) with one thread per process; fail with its
-    output if it fails; return the completed process."""
+    """Run a multi-process launch (torchrun, accelerate launch) with one thread per process and tests/ on
+    PYTHONPATH (for tiny_models); fail with its output if it fails; return the completed process."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(extra_env or {}))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS, env.get("PYTHONPATH")) if p)
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{cmd[:6]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"

@@ -1,6 +1,6 @@
 """torchrun worker: Hugging Face Trainer + accelerate FSDP2 + BAdam on CPU (gloo), 2 processes.
 
-Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 fsdp_trainer_worker.py OUT_DIR
+Usage: PYTHONPATH=.. python -m torch.distributed.run --standalone --nproc_per_node 2 fsdp_trainer_worker.py OUT_DIR
 
 accelerate turns FSDP on only for GPU-like backends and silently falls back to DDP on CPU. This worker
 (test code only) makes every AcceleratorState keep the FSDP plugin on CPU, so the real Trainer/accelerate
@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import CPU_TRAINER_ARGS, Tokens, enable_accelerate_fsdp_on_cpu, error_of, finish, tiny_llama, write_json  # noqa: E402
+from dist_common import CPU_TRAINER_ARGS, Tokens, enable_accelerate_fsdp_on_cpu, error_of, finish, write_json
+from tiny_models import tiny_llama
 
 enable_accelerate_fsdp_on_cpu()
 
@@ -25,7 +25,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from badam_hf import BAdamTrainer  # noqa: E402  (registers --optim badam)
 from badam_hf.distributed import DistributedSetupError  # noqa: E402
-from badam_hf.trainer import unwrap_optimizer  # noqa: E402
+from badam_hf.core.optimizer import unwrap_optimizer  # noqa: E402
+from badam_hf.engines.common import engine_sync
 
 
 def canonical(name: str) -> str:
@@ -75,7 +76,7 @@ RESUME = dict(name="resume", cls="BAdamTrainer", dtype=torch.bfloat16, bf16=Fals
 
 
 def make_trainer(run, out, callbacks=(), save_steps=None, state_dict_type="SHARDED_STATE_DICT"):
-    model = tiny_llama(0).to(run["dtype"])
+    model = tiny_llama(dtype=run["dtype"])
     if run.get("ram_efficient") and int(os.environ["RANK"]) != 0:
         with torch.no_grad():
             for p in model.parameters():
@@ -113,7 +114,7 @@ def main():
         if rank == 0:
             torch.save(final, os.path.join(out, f"{run['name']}.pt"))
         opt = unwrap_optimizer(trainer.optimizer)
-        local = {n: tuple(m.shape) for n, m in opt._masters.items()}
+        local = {n: tuple(m.shape) for n, m in opt.masters.items()}
         full = {canonical(n): tuple(p.shape) for n, p in trainer.model.named_parameters()}
         write_json(os.path.join(out, f"{run['name']}_rank{rank}.json"), {
             "records": log.records,
@@ -122,8 +123,8 @@ def main():
             "sharded": all(isinstance(p, DTensor) for p in trainer.model.parameters()),
             "dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
             "master_shapes": {n: [local[n], full[n]] for n in local},
-            "sync": type(opt._badam_sync).__name__,
-            "refreshes": opt._badam_sync.refreshes,
+            "sync": type(engine_sync(opt)).__name__,
+            "refreshes": engine_sync(opt).refreshes,
         })
 
     # Save mid-block at step 3, resume in a new Trainer: the final weights equal the uninterrupted run's.

@@ -1,6 +1,6 @@
 """torchrun worker: BlockOptimizer on an FSDP2 (`fully_shard`) model in a plain loop (CPU, gloo).
 
-Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 fsdp_worker.py OUT_DIR
+Usage: PYTHONPATH=.. python -m torch.distributed.run --standalone --nproc_per_node 2 fsdp_worker.py OUT_DIR
 
 Each scenario writes the gathered final parameters ({name}.pt, rank 0), per-step records ({name}.json:
 active block, names that changed, bytes of optimizer-side state on this rank) and, on rank 0 after the
@@ -18,11 +18,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import averaged_gradient_run, batch, error_of, finish, tiny_llama, training_llama, write_json  # noqa: E402
+from dist_common import averaged_gradient_run, batch, error_of, finish, training_llama, write_json
+from tiny_models import tiny_llama
 
 from badam_hf import BlockOptimizer  # noqa: E402
 from badam_hf.fsdp import attach_fsdp2  # noqa: E402
+from badam_hf.engines.common import set_engine_sync
 
 WORLD = 2
 SCENARIOS = [
@@ -157,7 +158,7 @@ def run_control(rank, out):
     sc = UPCAST
     model = build(sc, shard=True)
     opt = make_opt(model, sc)
-    opt._badam_sync = "unattached control"
+    set_engine_sync(opt, "unattached control")
     error = error_of(lambda: train_steps(model, opt, sc, rank, range(sc["steps"])))
     write_json(os.path.join(out, f"control_rank{rank}.json"), {"error": error})
 
@@ -168,7 +169,7 @@ def run_misuse(rank, out):
     from badam_hf.distributed import DistributedSetupError
 
     result = {}
-    model = tiny_llama(0).to(torch.bfloat16)
+    model = tiny_llama(dtype=torch.bfloat16)
     opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, switch_mode="ascending")
     for layer in model.model.layers:
         fully_shard(layer)
@@ -180,7 +181,7 @@ def run_misuse(rank, out):
     opt.step()
     after = full_params(model)
     result["built_before_shard_changed"] = [n for n in after if not torch.equal(after[n], before[n])]
-    result["master_rows"] = [int(m.shape[0]) for m in opt._masters.values()]
+    result["master_rows"] = [int(m.shape[0]) for m in opt.masters.values()]
     model = build(RESUME, shard=True)
     opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2)
     model(input_ids=ids, labels=ids).loss.backward()

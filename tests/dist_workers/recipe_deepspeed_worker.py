@@ -7,15 +7,13 @@ not, and `zero.Init` (which builds the model partitioned) would size the batch f
 
 from __future__ import annotations
 
-import os
 import sys
 
 import deepspeed
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import finish  # noqa: E402
+from dist_common import finish
 
-from badam_hf.cli import main  # noqa: E402
+from badam_hf.tools.cli import main
 
 if __name__ == "__main__":
     deepspeed.init_distributed(dist_backend="gloo")

@@ -6,15 +6,13 @@ Usage: accelerate launch --config_file configs/accelerate_fsdp2.yaml --num_proce
 
 from __future__ import annotations
 
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import enable_accelerate_fsdp_on_cpu, finish  # noqa: E402
+from dist_common import enable_accelerate_fsdp_on_cpu, finish
 
 enable_accelerate_fsdp_on_cpu()
 
-from badam_hf.cli import main  # noqa: E402
+from badam_hf.tools.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     if main(sys.argv[1:]) != 0:

@@ -1,6 +1,6 @@
 """torchrun worker: Hugging Face Trainer with BAdam under 2-process DDP on CPU (gloo).
 
-Usage: python -m torch.distributed.run --standalone --nproc_per_node 2 trainer_worker.py OUT_DIR
+Usage: PYTHONPATH=.. python -m torch.distributed.run --standalone --nproc_per_node 2 trainer_worker.py OUT_DIR
 
 Runs (1) a plain `Trainer` with `optim="badam"` and (2) a `BAdamTrainer` with gradient accumulation and
 gradient checkpointing. Each rank writes its initial and final parameters and the blocks it trained.
@@ -13,13 +13,14 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dist_common import CPU_TRAINER_ARGS, Tokens, finish, params_cpu, tiny_llama, write_json  # noqa: E402
+from dist_common import CPU_TRAINER_ARGS, Tokens, finish, params_cpu, write_json
+from tiny_models import tiny_llama
 
 from transformers import Trainer, TrainingArguments, TrainerCallback  # noqa: E402
 
 from badam_hf import BAdamTrainer  # noqa: E402  (importing badam_hf registers --optim badam)
-from badam_hf.trainer import unwrap_optimizer  # noqa: E402
+from badam_hf.core.optimizer import unwrap_optimizer  # noqa: E402
+from badam_hf.engines.common import engine_sync
 
 
 class BlockLog(TrainerCallback):
@@ -44,7 +45,7 @@ def main():
     out = sys.argv[1]
     rank = int(os.environ["RANK"])
     for run in RUNS:
-        model = tiny_llama(0)
+        model = tiny_llama()
         initial = params_cpu(model)
         args = TrainingArguments(
             **CPU_TRAINER_ARGS,
@@ -65,7 +66,7 @@ def main():
         trainer = cls(model=model, args=args, train_dataset=Tokens(), callbacks=[log])
         trainer.train()
         opt = unwrap_optimizer(trainer.optimizer)
-        sync = opt._badam_sync
+        sync = engine_sync(opt)
         final = params_cpu(trainer.model)
         torch.save({"initial": initial, "final": final}, os.path.join(out, f"{run['name']}_rank{rank}.pt"))
         write_json(

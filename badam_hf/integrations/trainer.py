@@ -1,4 +1,5 @@
-"""Trainer glue: `BAdamTrainer`, `make_badam_trainer(cls)` for any Trainer subclass, and `BAdamCallback`.
+"""Trainer glue: `BAdamTrainer`, `make_badam_trainer(cls)` for any Trainer subclass, and `BAdamCallback`;
+`save_full_model(trainer)` for a final save that also works under FSDP with a sharded state dict.
 
 The optimizer switches blocks itself inside `step()`, which the Trainer calls once per optimizer step
 (after gradient accumulation), so a switch can never fall inside an accumulation window. The active
@@ -12,12 +13,11 @@ import weakref
 
 from transformers import Trainer, TrainerCallback
 
-from .config import BAdamConfig
-from .distributed import attach_wrapped_model
-from .optim_registry import check_engine_args
-from .optimizer import BlockOptimizer, check_model, unwrap_optimizer  # noqa: F401  (re-exported)
-from .partition import partition_model
-from .schedule import BlockSchedule
+from ..core.config import BAdamConfig
+from ..core.optimizer import BlockOptimizer, check_model, unwrap_optimizer
+from ..core.partition import partition_model
+from ..core.schedule import BlockSchedule
+from ..engines.dispatch import attach_wrapped_model, check_training_args
 
 
 def block_optimizer_from_args(
@@ -83,7 +83,7 @@ class BAdamMixin:
         if badam_config is None:
             badam_config = BAdamConfig.from_optim_args(self.args.optim_args, self.args.optim_target_modules)
         self.badam_config = badam_config
-        check_engine_args(self.args)
+        check_training_args(self.args)
         # Fail now, before any data is touched by train(): bad model, bad partition, bad start block.
         check_model(self.model)
         self._badam_partition = (self.model, partition_model(self.model, badam_config.partition))
@@ -113,3 +113,16 @@ def make_badam_trainer(trainer_cls: type[Trainer]) -> type[Trainer]:
 
 class BAdamTrainer(BAdamMixin, Trainer):
     """`transformers.Trainer` that trains with BAdam: a drop-in replacement in existing scripts."""
+
+
+def save_full_model(trainer: Trainer) -> None:
+    """`trainer.save_model()` that also writes the model under FSDP with a sharded state dict.
+
+    HF's `Trainer.save_model` silently writes nothing when accelerate's FSDP plugin holds a sharded state
+    dict (`fsdp_state_dict_type: SHARDED_STATE_DICT`, the 70B config's): switch the plugin to a full state
+    dict for this one final save, so the full weights are gathered and saved. Call it after training:
+    checkpoints written during training stay sharded."""
+    plugin = getattr(trainer.accelerator.state, "fsdp_plugin", None)
+    if trainer.is_fsdp_enabled and plugin is not None and "FULL_STATE_DICT" not in str(plugin.state_dict_type):
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+    trainer.save_model()

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import BAdamConfigError, ScheduleConfig
+from .config import ScheduleConfig
+from .errors import BAdamConfigError
 
 
 class BlockSchedule:

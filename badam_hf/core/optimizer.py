@@ -13,61 +13,22 @@ else:
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections import OrderedDict
+from types import MappingProxyType
+from typing import Any, Callable
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .backward_truncation import BackwardTruncation
-from .config import BAdamConfig, BAdamConfigError
-from .distributed import check_engine, install_step_guard
+from .config import BAdamConfig
+from .errors import BAdamConfigError, CheckpointMismatchError
+from .masters import grads_to_masters, is_sharded, local_shard, make_master, masters_to_params, needs_master
 from .partition import Partition, partition_model
 from .schedule import BlockSchedule
 
 STATE_VERSION = 1
-
-
-# --- functional core: fp32 masters for low-precision weights ---------------------------------------
-# Under FSDP2 a parameter is a DTensor holding this rank's shard; masters, moments and the grads the inner
-# optimizer sees are plain tensors over the local shard, so each rank keeps state for 1/N of the block.
-
-
-def is_sharded(param: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(param, DTensor)
-
-
-def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds (a DTensor's local shard, which shares its storage), else `t` itself."""
-    return t.to_local() if is_sharded(t) else t
-
-
-def needs_master(param: torch.Tensor) -> bool:
-    # A DTensor always gets a plain local master: the inner optimizer's state then stays per-rank plain
-    # tensors, whatever the weights' dtype (for fp32 weights that costs 4 bytes per local active element).
-    return param.dtype != torch.float32 or is_sharded(param)
-
-
-@torch.no_grad()
-def make_master(param: torch.Tensor) -> torch.Tensor:
-    return local_shard(param.detach()).to(torch.float32, copy=True)
-
-
-@torch.no_grad()
-def grads_to_masters(params: list[torch.Tensor], masters: list[torch.Tensor]) -> None:
-    """Move each low-precision grad up to its master (fp32) and free the low-precision one."""
-    for p, m in zip(params, masters):
-        m.grad = None if p.grad is None else local_shard(p.grad).to(torch.float32)
-        p.grad = None
-
-
-@torch.no_grad()
-def masters_to_params(params: list[torch.Tensor], masters: list[torch.Tensor]) -> None:
-    """Write the updated masters back into the model's weights (or local shards); drop the master grads."""
-    for p, m in zip(params, masters):
-        local_shard(p).copy_(m)
-        m.grad = None
 
 
 def hf_decay_parameter_names(model: nn.Module) -> set[str]:
@@ -110,11 +71,33 @@ class BlockOptimizer(torch.optim.Optimizer):
         inner_kwargs: extra keyword arguments for the inner optimizer (`momentum=0.9` for SGD, ...).
         decay_parameter_names: names that get weight decay; default: HF Trainer's rule.
         partition: a precomputed `Partition` (default: `partition_model(model, config.partition)`).
+
+    Extension points (how engines plug in; this class knows none of them), each returning a handle whose
+    `remove()` undoes it:
+        BlockOptimizer.register_construction_check(fn): fn(model) runs first in every new BlockOptimizer,
+            before the model is changed, and raises to refuse it.
+        BlockOptimizer.register_init_hook(fn): fn(optimizer) runs at the end of every new BlockOptimizer.
+        opt.register_switch_hook(fn): fn(optimizer) runs after every (re)activation of a block.
+        opt.attach_driver(driver): an engine that owns the fp32 masters and drives the step (DeepSpeed
+            ZeRO-3); `step()` then calls `driver.step(closure)`.
+        torch's own `register_step_pre_hook`, `register_state_dict_post_hook`,
+            `register_load_state_dict_pre_hook` / `_post_hook` for engine state in checkpoints.
     """
 
-    # Set by badam_hf.deepspeed_zero3.attach_deepspeed: DeepSpeed ZeRO-3 then owns the fp32 master partitions
-    # and drives step() once per sub-group; the glue counts real steps and rebuilds ZeRO-3 at each switch.
-    engine_glue = None
+    _construction_checks: OrderedDict[int, Callable[[nn.Module], None]] = OrderedDict()
+    _init_hooks: OrderedDict[int, Callable[["BlockOptimizer"], None]] = OrderedDict()
+
+    @staticmethod
+    def register_construction_check(fn: Callable[[nn.Module], None]) -> RemovableHandle:
+        handle = RemovableHandle(BlockOptimizer._construction_checks)
+        BlockOptimizer._construction_checks[handle.id] = fn
+        return handle
+
+    @staticmethod
+    def register_init_hook(fn: Callable[["BlockOptimizer"], None]) -> RemovableHandle:
+        handle = RemovableHandle(BlockOptimizer._init_hooks)
+        BlockOptimizer._init_hooks[handle.id] = fn
+        return handle
 
     def __init__(
         self,
@@ -133,7 +116,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         if config is not None and config_kwargs:
             raise BAdamConfigError("give either config=BAdamConfig(...) or flat keyword arguments, not both.")
         config = config if config is not None else BAdamConfig.from_flat(config_kwargs, source="BlockOptimizer")
-        check_engine(model)  # FSDP version 1 and unsynchronisable setups: refused before anything changes
+        for check in list(BlockOptimizer._construction_checks.values()):
+            check(model)  # engines refuse what they cannot train, before anything changes
         check_model(model)
         self.model = model
         self.config = config
@@ -146,9 +130,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         decay = hf_decay_parameter_names(model) if decay_parameter_names is None else set(decay_parameter_names)
         self._decay = decay
         self._masters: dict[str, torch.Tensor] = {}
-        # Called as hook(optimizer) after every (re)activation of a block: distributed engines re-register
-        # the new trainable set here (see badam_hf.distributed).
-        self.switch_hooks: list = []
+        self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._driver = None
         self.global_step = 0
         self.active_block: int = self.schedule.block_at(0)
 
@@ -173,9 +156,15 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.truncation = BackwardTruncation(model, self.partition, enabled=config.truncate_backward)
         outer_groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in self.inner.param_groups]
         super().__init__(outer_groups, dict(self.inner.defaults))
-        self._badam_group_dicts = tuple(self.param_groups)  # an engine may drop empty groups (DeepSpeed does)
-        install_step_guard(self)  # >1 process: the first step needs a DDP wrapper attached (attach_ddp)
+        self._group_dicts = tuple(self.param_groups)  # an engine may drop empty groups (DeepSpeed does)
+        # An engine may replace the parameters after the optimizer is built (accelerate shards the model with
+        # FSDP2 after the Trainer built the optimizer): look once, at the first step. (A step pre-hook cannot
+        # remove itself while torch iterates over the hooks, so it stays and returns at once afterwards.)
+        self._stepped = False
+        self.register_step_pre_hook(lambda opt, args, kwargs: self._bind_at_first_step())
         self._activate(self.active_block, fresh=True)
+        for hook in list(BlockOptimizer._init_hooks.values()):
+            hook(self)
 
     # --- introspection ----------------------------------------------------------------------------
 
@@ -190,6 +179,25 @@ class BlockOptimizer(torch.optim.Optimizer):
     @property
     def trainable_names(self) -> list[str]:
         return list(self._trainable)
+
+    @property
+    def params_by_name(self) -> MappingProxyType:
+        """Name -> the model parameter this optimizer trains (read-only view)."""
+        return MappingProxyType(self._params)
+
+    @property
+    def masters(self) -> MappingProxyType:
+        """Name -> fp32 master of an active low-precision (or sharded) parameter (read-only view)."""
+        return MappingProxyType(self._masters)
+
+    @property
+    def switch_hooks(self) -> list[Callable]:
+        return list(self._switch_hooks.values())
+
+    @property
+    def driver(self):
+        """The engine driving the step (see `attach_driver`), or None."""
+        return self._driver
 
     @property
     def steps_in_block(self) -> int:
@@ -210,6 +218,37 @@ class BlockOptimizer(torch.optim.Optimizer):
             if t.grad is not None
         )
         return {"masters": masters, "optimizer_state": state, "grads": grads}
+
+    # --- extension points -----------------------------------------------------------------------------
+
+    def register_switch_hook(self, hook: Callable[["BlockOptimizer"], None]) -> RemovableHandle:
+        handle = RemovableHandle(self._switch_hooks)
+        self._switch_hooks[handle.id] = hook
+        return handle
+
+    def attach_driver(self, driver) -> RemovableHandle:
+        """Hand the step to an engine that owns the fp32 masters (DeepSpeed ZeRO-3): `step()` calls
+        `driver.step(closure)`, no masters are made, and the current block is re-activated in that layout."""
+        self._driver = driver
+        self.restore_param_groups()
+        self.seek(self.global_step)  # drops masters built before the engine existed
+        return _DriverHandle(self, driver)
+
+    def restore_param_groups(self) -> None:
+        """Put back the two (decay / no decay) group dicts, e.g. after an engine dropped the empty ones."""
+        self.param_groups[:] = list(self._group_dicts)
+
+    def clear_block_state(self) -> None:
+        """Drop the inner optimizer's state and the fp32 masters (an engine rebuilding its own layout)."""
+        self.inner.state.clear()
+        self._masters.clear()
+
+    def sync_hyperparameters(self) -> None:
+        """Copy lr, betas, ... from the outer groups (which LR schedulers change) into the inner optimizer's."""
+        for outer, inner in zip(self.param_groups, self.inner.param_groups):
+            for k, v in outer.items():
+                if k != "params" and k in inner:
+                    inner[k] = v
 
     # --- block switching ----------------------------------------------------------------------------
 
@@ -232,7 +271,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         for name in new:
             p = self._params[name]
             p.requires_grad_(True)
-            if needs_master(p) and name not in self._masters and self.engine_glue is None:
+            if needs_master(p) and name not in self._masters and self._driver is None:
                 self._masters[name] = make_master(p)
         # Keep the two group dicts (and their list objects): LR schedulers hold on to them.
         for gi, decays in ((0, True), (1, False)):
@@ -242,8 +281,20 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._trainable = new
         self.active_block = block
         self.truncation.update(new)
-        for hook in self.switch_hooks:
+        for hook in list(self._switch_hooks.values()):
             hook(self)
+
+    def advance(self) -> None:
+        """Count one successful optimizer step; activate the next block when this one has had its K steps."""
+        self.global_step += 1
+        nxt = self.schedule.block_at(self.global_step)
+        if nxt != self.active_block:
+            self._activate(nxt)
+
+    def seek(self, step: int) -> None:
+        """Jump the schedule to `step` optimizer steps done, with fresh state for the block active there."""
+        self.global_step = int(step)
+        self._activate(self.schedule.block_at(self.global_step), fresh=True)
 
     # --- parameters replaced by an engine (accelerate's FSDP2 prepare) ------------------------------
 
@@ -257,9 +308,9 @@ class BlockOptimizer(torch.optim.Optimizer):
     def rebind_parameters(self) -> bool:
         """Pick up parameters that an engine replaced after this optimizer was built. The Trainer builds the
         optimizer first and then lets accelerate shard the model in place with FSDP2, which turns every
-        parameter into a new DTensor. The active block then gets fresh masters from the new parameters (this
-        happens before the first step, or before a checkpoint is loaded). Returns whether anything changed."""
-        # Called at every step: first an identity check in parameter order, with no name handling.
+        parameter into a new DTensor. The active block then gets fresh masters from the new parameters.
+        Runs by itself at the first step (and in state_dict / load_state_dict before it); engines that
+        replace parameters call it when they attach. Returns whether anything changed."""
         now = list(self.model.parameters())
         if len(now) == len(self._params) and all(a is b for a, b in zip(now, self._params.values())):
             return False
@@ -281,26 +332,21 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._activate(self.active_block, fresh=True)
         return True
 
-    def seek(self, step: int) -> None:
-        """Jump the schedule to `step` optimizer steps done, with fresh state for the block active there."""
-        self.global_step = int(step)
-        self._activate(self.schedule.block_at(self.global_step), fresh=True)
+    def _bind_at_first_step(self) -> None:
+        if not self._stepped:
+            self._bind_before_first_step()
+            self._stepped = True
 
-    def _sync_hyperparameters(self) -> None:
-        for outer, inner in zip(self.param_groups, self.inner.param_groups):
-            for k, v in outer.items():
-                if k != "params" and k in inner:
-                    inner[k] = v
+    def _bind_before_first_step(self) -> None:
+        if not self._stepped and self._driver is None:  # a driving engine owns the parameters' layout
+            self.rebind_parameters()
+
+    # --- the step: the algorithm only ---------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
-        if self.engine_glue is not None:  # DeepSpeed ZeRO-3: the engine owns the fp32 masters and the step count
-            return self.engine_glue.client_step(closure)
-        self.rebind_parameters()
-        if any(hasattr(p, "ds_id") for g in self.param_groups for p in g["params"]):
-            from .deepspeed_zero3 import refuse_unattached  # stepped by DeepSpeed without attach_deepspeed
-
-            refuse_unattached(self)
+        if self._driver is not None:
+            return self._driver.step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -308,21 +354,29 @@ class BlockOptimizer(torch.optim.Optimizer):
         names = [n for n in self._trainable if n in self._masters]
         params = [self._params[n] for n in names]
         masters = [self._masters[n] for n in names]
-        self._sync_hyperparameters()
+        self.sync_hyperparameters()
         grads_to_masters(params, masters)
         self.inner.step()
         masters_to_params(params, masters)
-        self.global_step += 1
-        nxt = self.schedule.block_at(self.global_step)
-        if nxt != self.active_block:
-            self._activate(nxt)
+        self.advance()
         return loss
 
     # --- checkpointing ------------------------------------------------------------------------------
+    # torch's state-dict hooks run as in torch.optim.Optimizer (engines add their state through them).
 
     def state_dict(self) -> dict[str, Any]:
         """Plain containers and tensors only, so `torch.load(weights_only=True)` reads it."""
-        self.rebind_parameters()
+        self._bind_before_first_step()
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        out = self._state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, out)
+            if result is not None:
+                out = result
+        return out
+
+    def _state_dict(self) -> dict[str, Any]:
         epoch, _, in_block = self.schedule.position(self.global_step)
         state: dict[int, dict[str, Any]] = {}
         for name in self._trainable:
@@ -350,13 +404,10 @@ class BlockOptimizer(torch.optim.Optimizer):
             "inner_optimizer": type(self.inner).__name__,
             "shards": self._shards(),
         }
-        out = {"state": state, "param_groups": groups, "badam": badam}
-        if self.engine_glue is not None:  # DeepSpeed ZeRO-3: the inner state lives on its fp32 partitions
-            out["engine"] = self.engine_glue.state_dict()
-        return out
+        return {"state": state, "param_groups": groups, "badam": badam}
 
     def _shards(self) -> int:
-        """How many ranks the saved state is split over: the world size under FSDP2, else 1."""
+        """How many ranks the saved state is split over: the world size for sharded parameters, else 1."""
         if any(is_sharded(p) for p in self._params.values()) and torch.distributed.is_initialized():
             return torch.distributed.get_world_size()
         return 1
@@ -365,15 +416,27 @@ class BlockOptimizer(torch.optim.Optimizer):
         return [n for n in self._trainable if (n in self._decay) == (gi == 0)]
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.rebind_parameters()
+        self._bind_before_first_step()
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._load_state_dict(state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> int:
+        """Refuse a checkpoint that does not belong to this run (raises CheckpointMismatchError); returns the
+        step it resumes at. Changes nothing."""
         badam = state_dict.get("badam")
         if badam is None:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 "this optimizer state was not saved by badam_hf's BlockOptimizer (no 'badam' entry); "
                 "start without resuming the optimizer or use a BAdam checkpoint."
             )
         if badam["block_names"] != self.partition.names:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"the checkpoint's blocks ({len(badam['block_names'])}, first {badam['block_names'][:2]}) differ "
                 f"from this model's ({self.num_blocks}, first {self.partition.names[:2]}); resume with the same "
                 "model and partition settings."
@@ -384,26 +447,32 @@ class BlockOptimizer(torch.optim.Optimizer):
             ("seed", self.config.schedule.seed),
         ):
             if badam[key] != mine:
-                raise ValueError(f"the checkpoint was saved with {key}={badam[key]!r} but this run has {key}={mine!r}.")
+                raise CheckpointMismatchError(
+                    f"the checkpoint was saved with {key}={badam[key]!r} but this run has {key}={mine!r}."
+                )
         if badam.get("shards", 1) != self._shards():
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"the checkpoint's optimizer state is split over {badam.get('shards', 1)} rank(s) (FSDP2 shards) but "
                 f"this run has {self._shards()}; resume with the same number of processes and the same sharding."
             )
         step = int(badam["step"])
         block = self.schedule.block_at(step)
         if block != badam["block"]:
-            raise ValueError(
+            raise CheckpointMismatchError(
                 f"the checkpoint's active block {badam['block']} does not follow from its step {step} under this "
                 "run's schedule; resume with the same start_block and switch settings."
             )
-        # Validate everything before changing anything, so a refused load leaves the optimizer as it was.
         will_train = set(self.partition.blocks[block].param_names) | set(self.partition.always_active)
         stray = [i for i in state_dict["state"] if self._names[int(i)] not in will_train]
         if stray:
-            raise ValueError(f"the checkpoint has optimizer state for inactive parameter {self._names[int(stray[0])]!r}.")
-        if self.engine_glue is not None:  # DeepSpeed ZeRO-3: its part must be there (and fit) before anything changes
-            self.engine_glue.check_state_dict(state_dict)
+            raise CheckpointMismatchError(
+                f"the checkpoint has optimizer state for inactive parameter {self._names[int(stray[0])]!r}."
+            )
+        return step
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Validate everything before changing anything, so a refused load leaves the optimizer as it was.
+        step = self.check_state_dict(state_dict)
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.seek(step)
@@ -424,8 +493,15 @@ class BlockOptimizer(torch.optim.Optimizer):
             if moments:
                 inner_sd["state"][position[id(self._target(self._names[int(i)]))]] = moments
         self.inner.load_state_dict(inner_sd)
-        if self.engine_glue is not None:
-            self.engine_glue.load_state_dict(state_dict["engine"])
+
+
+class _DriverHandle:
+    def __init__(self, opt: BlockOptimizer, driver):
+        self._opt, self._driver = opt, driver
+
+    def remove(self) -> None:
+        if self._opt._driver is self._driver:
+            self._opt._driver = None
 
 
 def unwrap_optimizer(optimizer) -> BlockOptimizer | None:

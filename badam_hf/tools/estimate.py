@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import PartitionConfig
-from .partition import partition_model
+from ..core.config import PartitionConfig
+from ..core.partition import partition_model
 
 GB = 1e9
 

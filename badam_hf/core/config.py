@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from .errors import BAdamConfigError
+
 GRANULARITIES = ("layer", "attn_mlp", "matrix")
 SWITCH_MODES = ("random", "ascending", "descending", "fixed")
 # Short names for the inner optimizer; anything else must be a dotted path to a torch.optim.Optimizer class.
@@ -24,10 +26,6 @@ INNER_OPTIMIZERS = {
 }
 # Separator for list values inside --optim_args (HF splits that string on "," and "=", so lists need another).
 LIST_SEPARATOR = "+"
-
-
-class BAdamConfigError(ValueError):
-    """A BAdam setting is invalid. Raised before any training step runs."""
 
 
 def _choice(name: str, value: Any, choices) -> None:

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .config import BAdamConfigError, PartitionConfig
+from .config import PartitionConfig
+from .errors import BAdamConfigError
 
 # Randomly initialised task heads that should keep training whatever block is active.
 TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")

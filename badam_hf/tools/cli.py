@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import GRANULARITIES
+from ..core.config import GRANULARITIES
 
 
 def _estimate(ns: argparse.Namespace) -> int:
-    from .memory import estimate, format_table
+    from .estimate import estimate, format_table
 
     try:
         info, rows = estimate(
@@ -33,31 +33,37 @@ def _estimate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _report(e) -> int:
+    """Every problem of a `RecipeError`, one line each (validation collects them all), and exit code 2."""
+    for problem in e.problems:
+        print(f"badam-hf train: {problem}", file=sys.stderr)
+    return 2
+
+
 def _train(ns: argparse.Namespace) -> int:
-    from .recipes import RecipeError, load_recipe, run
+    from ..recipes import RecipeError, load_recipe, run
 
     try:
         recipe = load_recipe(ns.recipe, ns.overrides)
     except RecipeError as e:
-        print(f"badam-hf train: {e}", file=sys.stderr)
-        return 2
+        return _report(e)
     if ns.check:
         print(f"{recipe.path}: valid ({recipe.task}; BAdam {recipe.badam_flat or 'defaults'}).")
         return 0
     try:
         run(recipe)
     except RecipeError as e:  # data problems found while building (a record missing a field, ...)
-        print(f"badam-hf train: {e}", file=sys.stderr)
-        return 2
+        return _report(e)
     return 0
 
 
 def _recipes(ns: argparse.Namespace) -> int:
-    from .recipes import RECIPES_DIR, describe, shipped_recipes
+    from ..recipes import SHIPPED_PACKAGE, describe, recipe_dirs, shipped_recipes
 
     found = shipped_recipes()
     if not found:
-        print(f"no recipes found in {RECIPES_DIR}", file=sys.stderr)
+        print(f"no recipes found in {', '.join(map(str, recipe_dirs())) or 'the package ' + SHIPPED_PACKAGE}",
+              file=sys.stderr)
         return 1
     width = max(map(len, found))
     for name, path in found.items():
@@ -66,7 +72,7 @@ def _recipes(ns: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .memory import BUILTIN_SHAPES
+    from .estimate import BUILTIN_SHAPES
 
     parser = argparse.ArgumentParser(prog="badam-hf", description="BAdam for Hugging Face Trainer.")
     sub = parser.add_subparsers(dest="command", required=True)

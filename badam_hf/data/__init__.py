@@ -1,0 +1,2 @@
+"""Data: Alpaca / chat-template SFT records (`sft`), SuperGLUE formatting and metrics (`superglue`), and the
+demo's generated tasks (`synthetic`). Imports no other part of badam_hf."""

@@ -1,0 +1,182 @@
+"""What every engine's glue shares: the world size, which engine a model is under, the record of the sync
+attached to an optimizer, and the check that all ranks train the same block.
+
+An engine's sync is a switch hook (see `BlockOptimizer.register_switch_hook`) that keeps the engine's own
+bookkeeping (DDP's reducer, FSDP2's mixed-precision dtypes, ZeRO-3's partitions) on the active block.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+
+import torch
+from torch import nn
+
+from ..core.errors import DistributedSetupError
+from ..core.optimizer import BlockOptimizer, unwrap_optimizer
+
+__all__ = [
+    "accelerate_fsdp_plugin",
+    "accelerate_state_ready",
+    "engine_from_environment",
+    "unsupported_engine",
+    "DistributedSetupError",
+    "check_same_block",
+    "detach_sync",
+    "engine_of",
+    "engine_sync",
+    "holds_parameters",
+    "install_sync",
+    "refuse_fsdp1",
+    "require_block_optimizer",
+    "set_engine_sync",
+    "world_size",
+]
+
+# optimizer -> (sync, handle of its switch hook). Weak: the record goes with the optimizer.
+_SYNCS: "weakref.WeakKeyDictionary[BlockOptimizer, tuple]" = weakref.WeakKeyDictionary()
+
+
+def world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def class_names(obj) -> set[str]:
+    return {c.__name__ for c in type(obj).__mro__}
+
+
+def engine_of(model: nn.Module | None) -> str | None:
+    """'FSDP' (version 1), 'FSDP2' or 'DeepSpeed' when `model` (a wrapper or the inner model) is under one."""
+    if model is None:
+        return None
+    if "DeepSpeedEngine" in class_names(model):
+        return "DeepSpeed"
+    modules = list(model.modules()) if isinstance(model, nn.Module) else []
+    for m in modules:
+        names = class_names(m)
+        if "FullyShardedDataParallel" in names:
+            return "FSDP"
+        if "FSDPModule" in names:
+            return "FSDP2"
+    if isinstance(model, nn.Module) and any(hasattr(p, "ds_id") for p in model.parameters()):
+        return "DeepSpeed"
+    return None
+
+
+def accelerate_fsdp_plugin():
+    """The FSDP plugin accelerate is using in this process, or None (also when accelerate decided against
+    FSDP, e.g. on CPU, where it falls back to DDP)."""
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # pragma: no cover - accelerate is a dependency
+        return None
+    return AcceleratorState._shared_state.get("fsdp_plugin")
+
+
+def accelerate_state_ready() -> bool:
+    try:
+        from accelerate.state import AcceleratorState
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(AcceleratorState._shared_state)
+
+
+def engine_from_environment() -> str | None:
+    # Set by `accelerate launch` and by TrainingArguments when --deepspeed / --fsdp is configured.
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        return "DeepSpeed"
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        plugin = accelerate_fsdp_plugin()  # the Trainer's fsdp_config sets no FSDP_VERSION variable
+        if plugin is not None:
+            return "FSDP2" if getattr(plugin, "fsdp_version", 1) == 2 else "FSDP"
+        if accelerate_state_ready():
+            return None  # accelerate chose no FSDP (it falls back to DDP on CPU)
+        return "FSDP2" if os.environ.get("FSDP_VERSION", "1") == "2" else "FSDP"
+    return None
+
+
+def unsupported_engine(model: nn.Module | None) -> str | None:
+    """The engine of `model` (or of the launch environment) when BAdam cannot train under it, else None."""
+    engine = engine_of(model) or engine_from_environment()
+    return engine if engine == "FSDP" else None
+
+
+def refuse_fsdp1() -> None:
+    raise DistributedSetupError(
+        "BAdam does not support FSDP (FSDP version 1): it flattens each wrapped module's parameters into "
+        "one buffer when it wraps the model, so the block switches (which change which parameters train) would "
+        "be silently lost or desynchronised. Use FSDP2 (accelerate config `fsdp_version: 2`, or "
+        "torch.distributed.fsdp.fully_shard + badam_hf.fsdp.attach_fsdp2), DistributedDataParallel, or one "
+        "process."
+    )
+
+
+def require_block_optimizer(optimizer, what: str) -> BlockOptimizer:
+    opt = unwrap_optimizer(optimizer)
+    if opt is None:
+        raise TypeError(f"{what} needs a badam_hf BlockOptimizer, got {type(optimizer).__name__}.")
+    return opt
+
+
+def engine_sync(opt: BlockOptimizer):
+    """The engine sync attached to `opt` (DDPBlockSync, FSDP2BlockSync, DeepSpeedBlockSync), or None."""
+    entry = _SYNCS.get(opt)
+    return None if entry is None else entry[0]
+
+
+def set_engine_sync(opt: BlockOptimizer, sync) -> None:
+    """Record `sync` as attached without registering it as a switch hook (a single-process reference run
+    inside a multi-process group, which must not be refused by the first-step guard)."""
+    detach_sync(opt)
+    _SYNCS[opt] = (sync, _NoHandle())
+
+
+class _NoHandle:
+    def remove(self) -> None:
+        pass
+
+
+def check_same_block(opt, group=None) -> None:
+    """All ranks must train the same block; a mismatch (e.g. different seeds) would hang or diverge."""
+    device = local_device(opt, group)
+    t = torch.tensor([opt.active_block, -opt.active_block], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    if int(t[0]) != -int(t[1]):
+        raise DistributedSetupError(
+            f"the ranks train different blocks (this rank: {opt.active_block}, range over ranks: "
+            f"{-int(t[1])}..{int(t[0])}); give every rank the same BAdam settings (switch_mode, seed, "
+            "start_block) and the same step count."
+        )
+
+
+def local_device(opt, group=None) -> torch.device:
+    """Where a small collective of this group can run (NCCL needs CUDA tensors)."""
+    device = next(iter(opt.params_by_name.values())).device
+    if torch.distributed.get_backend(group) == "nccl" and device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def holds_parameters(module: nn.Module, opt) -> bool:
+    """Whether `module` holds every parameter the optimizer trains (it wraps the optimizer's model)."""
+    mine = {id(p) for p in module.parameters()}
+    return all(id(p) in mine for p in opt.params_by_name.values())
+
+
+def detach_sync(opt: BlockOptimizer) -> None:
+    """Unregister the attached sync (an engine replacing it must not have the old one fire meanwhile)."""
+    old = _SYNCS.pop(opt, None)
+    if old is not None:
+        old[1].remove()
+
+
+def install_sync(opt: BlockOptimizer, sync):
+    """Make `sync` the optimizer's engine hook, replacing an earlier one (re-attached to a new wrapper, e.g.
+    by a second train() call), and run it once now for the block that is active."""
+    detach_sync(opt)
+    sync(opt)
+    _SYNCS[opt] = (sync, opt.register_switch_hook(sync))
+    return sync

@@ -1,0 +1,190 @@
+"""Building: a validated `Recipe` -> tokenizer, model, datasets and a `BAdamTrainer` (`build`, `Built`).
+
+`TrainingArguments` is built first (it checks the machine and rules between fields), so such a problem is
+reported before any data or weights are read. Imports `validate` of `badam_hf.recipes` (for `Recipe`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..core.errors import RecipeError
+from .validate import Recipe
+
+
+def _load_records(spec: str, *, split: str, hub_config: str | None, where: str, key: str) -> list[dict]:
+    """Records from a local .json/.jsonl file or, for names that are not files, `datasets.load_dataset`."""
+    import json
+
+    p = Path(spec).expanduser()
+    if spec == "builtin:demo":
+        from ..data.synthetic import make_synthetic_records
+
+        return make_synthetic_records(400, 0)
+    if p.suffix in (".json", ".jsonl") or p.exists():
+        if not p.is_file():
+            raise RecipeError(f"{where}: data.{key}={spec!r}: no such file.")
+        text = p.read_text(encoding="utf-8")
+        try:
+            if text.lstrip().startswith("["):
+                records = json.loads(text)
+            else:
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as e:
+            raise RecipeError(f"{where}: data.{key}={spec!r} is not JSON or JSON Lines: {e}") from None
+        if not isinstance(records, list):
+            raise RecipeError(f"{where}: data.{key}={spec!r} must hold a list of records.")
+        return records
+    import datasets  # a Hub name: only for users, never in the tests
+
+    ds = datasets.load_dataset(spec, hub_config, split=split)
+    return [dict(r) for r in ds]
+
+
+@dataclasses.dataclass
+class Built:
+    trainer: Any
+    tokenizer: Any
+    train_size: int
+    eval_size: int
+
+
+def _dtype(name: str):
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def build(recipe: Recipe) -> Built:
+    """Tokenizer, model, datasets and a `BAdamTrainer` from a validated recipe."""
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForMultipleChoice,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        TrainingArguments,
+    )
+
+    from ..data import superglue
+    from ..data.sft import SFTCollator, SFTDataset, alpaca_texts, build_local_tokenizer, tokenize_sft, train_val_split
+    from ..integrations.trainer import BAdamTrainer
+
+    where, m, d = str(recipe.path), recipe.model, recipe.data
+    task = recipe.task
+    sg_task = None if d["format"] == "alpaca" else d["format"].split("-", 1)[1]
+    # TrainingArguments checks the machine (bf16 without a GPU, ...) and cross-field rules: fail before loading.
+    try:
+        args = TrainingArguments(**recipe.training)
+    except (ValueError, TypeError) as e:
+        raise RecipeError(f"{where}: section 'training' is not usable here: {e}") from None
+    # --- data (records first: a local tokenizer is trained on them) ---
+    records = _load_records(d["dataset"], split=d["split"], hub_config=d["hub_config"], where=where, key="dataset")
+    if d["max_samples"] is not None:
+        records = records[: d["max_samples"]]
+    if not records:
+        raise RecipeError(f"{where}: data.dataset={d['dataset']!r} holds no records.")
+    eval_records: list[dict] = []
+    if d["format"] == "alpaca":
+        from ..data.sft import format_alpaca
+
+        for i, r in enumerate(records):
+            try:
+                format_alpaca(r, i)
+            except ValueError as e:
+                raise RecipeError(f"{d['dataset']}: {e}") from None
+        texts = lambda recs: alpaca_texts(recs)  # noqa: E731
+    else:
+        records = superglue.prepare(sg_task, records)
+
+        def texts(recs):
+            out = []
+            for i, r in enumerate(recs):
+                inputs, _ = superglue.format_record(sg_task, r, i)
+                for pair in inputs if isinstance(inputs, list) else [inputs]:
+                    out.extend(pair)
+            return out
+
+    if d["eval_dataset"] is not None:
+        ev = d["eval_dataset"]
+        if Path(ev).suffix in (".json", ".jsonl") or Path(ev).expanduser().exists():
+            eval_records = _load_records(ev, split="", hub_config=None, where=where, key="eval_dataset")
+        else:  # a split of the Hub dataset, e.g. `validation`
+            eval_records = _load_records(d["dataset"], split=ev, hub_config=d["hub_config"], where=where, key="dataset")
+        if sg_task is not None:
+            eval_records = superglue.prepare(sg_task, eval_records)
+    elif d["val_size"] > 0:
+        records, eval_records = train_val_split(records, d["val_size"], d["seed"])
+
+    # --- tokenizer ---
+    if (m["tokenizer"] or "") == "local":
+        try:
+            tokenizer = build_local_tokenizer(texts(records) + texts(eval_records), m["tokenizer_vocab_size"])
+        except ValueError as e:
+            raise RecipeError(f"{d['dataset']}: {e}") from None
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(m["tokenizer"] or m["name_or_path"],
+                                                  trust_remote_code=m["trust_remote_code"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    # --- features ---
+    try:
+        if d["format"] == "alpaca":
+            # A chat template writes its own BOS.
+            add_bos = tokenizer.bos_token_id is not None and d["template"] == "alpaca"
+            sft = dict(add_bos=add_bos, template=d["template"])
+            train_ds = SFTDataset(tokenize_sft(records, tokenizer, d["cutoff_len"], **sft))
+            eval_ds = SFTDataset(tokenize_sft(eval_records, tokenizer, d["cutoff_len"], **sft)) if eval_records else None
+            collator = SFTCollator(tokenizer.pad_token_id)
+            compute_metrics = None
+        else:
+            train_ds = superglue.tokenize(sg_task, records, tokenizer, d["cutoff_len"])
+            eval_ds = superglue.tokenize(sg_task, eval_records, tokenizer, d["cutoff_len"]) if eval_records else None
+            collator = superglue.SuperGlueCollator(tokenizer.pad_token_id, multiple_choice=task == "multiple-choice")
+            groups = [superglue.multirc_group(r, i) for i, r in enumerate(eval_records)] if sg_task == "multirc" else None
+            compute_metrics = superglue.compute_metrics_fn(sg_task, groups) if eval_records else None
+    except ValueError as e:
+        raise RecipeError(f"{d['dataset']}: {e}") from None
+
+    # --- model ---
+    cls = {"causal-lm": AutoModelForCausalLM, "sequence-classification": AutoModelForSequenceClassification,
+           "multiple-choice": AutoModelForMultipleChoice}[task]
+    extra: dict[str, Any] = {}
+    if task == "sequence-classification":
+        extra["num_labels"] = 2
+    if m["attn_implementation"]:
+        extra["attn_implementation"] = m["attn_implementation"]
+    if m["from_config"]:
+        cfg_values = dict(m["config"] or {})
+        if (m["tokenizer"] or "") == "local":
+            cfg_values.setdefault("vocab_size", len(tokenizer))
+            for name in ("pad", "bos", "eos"):
+                cfg_values.setdefault(f"{name}_token_id", getattr(tokenizer, f"{name}_token_id"))
+        if "model_type" in cfg_values:
+            config = AutoConfig.for_model(cfg_values.pop("model_type"), **cfg_values, **extra)
+        else:
+            config = AutoConfig.from_pretrained(m["name_or_path"], **cfg_values, **extra)
+        dtype = _dtype(m["dtype"])
+        model = cls.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype,
+                                trust_remote_code=m["trust_remote_code"])
+    else:
+        model = cls.from_pretrained(m["name_or_path"], dtype=_dtype(m["dtype"]),
+                                    trust_remote_code=m["trust_remote_code"], **extra)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+    trainer = BAdamTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+        badam_config=recipe.badam,
+    )
+    return Built(trainer=trainer, tokenizer=tokenizer, train_size=len(train_ds), eval_size=len(eval_ds or []))
