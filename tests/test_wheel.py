@@ -94,7 +94,7 @@ def test_wheel_holds_every_module_and_recipe(installed):
 
 def test_installed_wheel_lists_and_checks_the_shipped_recipes(installed, tmp_path):
     names = sorted(p.stem for p in (ROOT / "recipes").glob("*.yaml"))
-    assert len(names) == 11, names
+    assert len(names) == 12, names
 
     proc = _run(["-c", LOCATE, str(installed)], installed, tmp_path)
     assert proc.returncode == 0, proc.stderr

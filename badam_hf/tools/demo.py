@@ -1,6 +1,8 @@
-"""A CPU demo: BAdam against AdamW on a tiny Llama, trained from scratch on instruction data.
+"""`python -m badam_hf.demo`: the real-model demo by default (`finetune_demo`: SmolLM2-135M-Instruct), and
+with `--tiny` the fast path the tests use: BAdam against AdamW on a tiny Llama trained from scratch.
 
-    python -m badam_hf.demo [--out DIR] [--steps N] [--data PATH]
+    python -m badam_hf.demo [--out DIR] [--steps N] [--methods badam,adamw,lora]
+    python -m badam_hf.demo --tiny [--out DIR] [--steps N] [--data PATH]
 
 Without `--data` it makes its own small instruction set (arithmetic and word tasks, seeded); with
 `--data` it reads Alpaca records (a JSON list or JSON Lines). It trains a local BPE tokenizer on the
@@ -17,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
-import os
 import sys
 import tempfile
 import time
@@ -36,35 +36,9 @@ from ..data.sft import (
     tokenize_sft,
 )
 from ..data.synthetic import make_synthetic_records
+from .harness import optimizer_state_bytes, peak_rss_kb, run_isolated
 
 METHODS = ("badam", "adamw")
-def _rss_now_kb() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    except OSError:  # not Linux
-        return 0
-
-
-def _peak_rss_kb() -> int:
-    import resource
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
-
-
-def _optimizer_state_bytes(optimizer) -> int:
-    block = unwrap_optimizer(optimizer)
-    if block is not None:
-        mem = block.memory_bytes()
-        return mem["optimizer_state"] + mem["masters"]
-    inner = optimizer
-    while hasattr(inner, "optimizer") and not hasattr(inner, "state"):
-        inner = inner.optimizer
-    inner = getattr(inner, "optimizer", inner)
-    return sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values() if hasattr(v, "numel"))
-
-
 def _train_one(method: str, job: dict) -> dict:
     """One training run, in a process of its own. Returns its losses and measurements."""
     import torch
@@ -94,7 +68,7 @@ def _train_one(method: str, job: dict) -> dict:
         # The largest optimizer state seen after any step: BAdam drops a block's state when it switches.
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             if optimizer is not None:
-                peak_state["bytes"] = max(peak_state["bytes"], _optimizer_state_bytes(optimizer))
+                peak_state["bytes"] = max(peak_state["bytes"], optimizer_state_bytes(optimizer))
 
     # Nothing is saved (save_strategy="no"); the Trainer still wants a folder, so give it a throwaway one.
     scratch = tempfile.TemporaryDirectory(prefix=f"badam_demo_{method}_")
@@ -137,7 +111,7 @@ def _train_one(method: str, job: dict) -> dict:
 
     trainer.remove_callback(PrinterCallback)  # the demo prints its own summary, not one dict per step
     trainer.remove_callback(ProgressCallback)
-    rss_before = _peak_rss_kb()
+    rss_before = peak_rss_kb()
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -149,8 +123,8 @@ def _train_one(method: str, job: dict) -> dict:
         "losses": [h["loss"] for h in logged],
         "active_blocks": [h.get("badam/active_block") for h in logged] if method == "badam" else None,
         "wall_time_s": wall,
-        "peak_rss_mb": _peak_rss_kb() / 1024,
-        "rss_growth_mb": (_peak_rss_kb() - rss_before) / 1024,
+        "peak_rss_mb": peak_rss_kb() / 1024,
+        "rss_growth_mb": (peak_rss_kb() - rss_before) / 1024,
         "optimizer_state_bytes": peak_state["bytes"],
         "num_parameters": n_params,
         "trainable_parameters": n_trainable,
@@ -164,11 +138,7 @@ def _train_one(method: str, job: dict) -> dict:
 
 
 def _run_isolated(method: str, job: dict, isolate: bool) -> dict:
-    if not isolate:
-        return _train_one(method, job)
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(_train_one, (method, job))
+    return run_isolated(_train_one, method, job, isolate=isolate)
 
 
 def _window_mean(values: list[float], n: int, tail: bool) -> float:
@@ -372,35 +342,56 @@ def run_demo(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m badam_hf.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="badam_demo", help="report folder (default: ./badam_demo)")
-    parser.add_argument("--steps", type=int, default=500, help="optimizer steps per method (default: 500)")
-    parser.add_argument("--data", default=None, help="Alpaca JSON/JSONL file; default: a built-in synthetic set")
-    parser.add_argument("--switch-every", type=int, default=25, help="BAdam's K (default: 25)")
-    parser.add_argument("--switch-mode", default="descending", choices=["ascending", "descending", "random"])
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--max-records", type=int, default=600, help="use at most this many records of --data")
+    parser.add_argument("--tiny", action="store_true",
+                        help="the fast path: a tiny Llama trained from scratch on generated tasks (seconds)")
+    parser.add_argument("--out", default=None, help="report folder (default: ./demo_report; --tiny: ./badam_demo)")
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: 60; --tiny: 500)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated, from badam,adamw,lora (default: all three; --tiny: badam,adamw)")
+    parser.add_argument("--data", default=None, help="--tiny: Alpaca JSON/JSONL file; default: a built-in synthetic set")
+    parser.add_argument("--switch-every", type=int, default=None, help="BAdam's K (default: 2; --tiny: 25)")
+    parser.add_argument("--switch-mode", default=None, choices=["ascending", "descending", "random"])
+    parser.add_argument("--lr", type=float, default=None, help="--tiny: the learning rate of both methods (3e-3)")
+    parser.add_argument("--max-records", type=int, default=600, help="--tiny: use at most this many records of --data")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="torch threads per run (default: 1; more gain little at this size and cost much on a busy machine)",
+        default=None,
+        help="torch threads per run (default: 2; --tiny: 1, since more gain little at that size and cost much on a "
+        "busy machine)",
     )
     args = parser.parse_args(argv)
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
     if args.data is not None and not Path(args.data).expanduser().exists():
         parser.error(f"--data {args.data}: no such file")
+    if not args.tiny:
+        from ..core.errors import BAdamError
+        from .finetune_demo import DemoSettings, run_finetune_demo
+
+        given = {k: v for k, v in dict(out_dir=args.out, steps=args.steps, switch_every=args.switch_every,
+                                        switch_mode=args.switch_mode, threads=args.threads, seed=args.seed).items()
+                 if v is not None}
+        if args.methods:
+            given["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if args.data is not None or args.lr is not None:
+            parser.error("--data and --lr belong to --tiny (the real-model demo has its own task and learning rates)")
+        try:
+            run_finetune_demo(DemoSettings(**given))
+        except BAdamError as e:
+            parser.error(str(e))
+        return 0
     run_demo(
-        args.out,
-        steps=args.steps,
+        args.out or "badam_demo",
+        steps=args.steps or 500,
         data_path=args.data,
-        switch_every=args.switch_every,
-        switch_mode=args.switch_mode,
-        lr=args.lr,
+        switch_every=args.switch_every or 25,
+        switch_mode=args.switch_mode or "descending",
+        lr=args.lr or 3e-3,
         max_records=args.max_records,
         seed=args.seed,
-        threads=args.threads,
+        threads=args.threads or 1,
     )
     return 0
 
