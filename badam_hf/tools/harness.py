@@ -46,7 +46,8 @@ def optimizer_state_bytes(optimizer) -> int:
     inner = optimizer
     while hasattr(inner, "optimizer") and not hasattr(inner, "state"):
         inner = inner.optimizer
-    inner = getattr(inner, "optimizer", inner)
+    # accelerate's wrapper holds it as .optimizer, the authors' BlockOptimizer as .base_optimizer
+    inner = getattr(inner, "base_optimizer", getattr(inner, "optimizer", inner))
     return sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values() if hasattr(v, "numel"))
 
 
@@ -124,3 +125,160 @@ def plot_curves(path: Path, panels: list[dict[str, Any]], switches: list[float] 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# --- one method's fine-tuning run (the demo and benchmarks/convergence.py) ---------------------------------
+
+# LoRA as in the paper (rank 8 on q and v) and on every linear layer of a Llama block.
+LORA_TARGETS = {
+    "lora": ["q_proj", "v_proj"],
+    "lora_all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+FINETUNE_METHODS = ("badam", "adamw", "lora", "lora_all", "reference")
+
+
+def evaluate(model, tokenizer, records: list[dict], cutoff_len: int, max_new_tokens: int = 0, batch: int = 16):
+    """(exact match or None, held-out loss, generations) on Alpaca-style `records` with the chat template: the
+    loss over all answer tokens, and, when `max_new_tokens` > 0, the exact match of the greedy answer."""
+    import torch
+
+    from ..data.sft import SFTCollator, format_chat, tokenize_sft
+
+    was_training = model.training
+    model.eval()
+    features = tokenize_sft(records, tokenizer, cutoff_len, template="chat")
+    collate = SFTCollator(tokenizer.pad_token_id)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(records), batch):
+            b = collate([{k: v[j] for k, v in features.items()} for j in range(i, min(i + batch, len(records)))])
+            logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits.float()
+            labels = b["labels"][:, 1:]
+            total += float(torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100, reduction="sum"))
+            count += int((labels != -100).sum())
+        exact, generations = None, []
+        if max_new_tokens > 0:
+            side = tokenizer.padding_side
+            tokenizer.padding_side = "left"  # generation continues each prompt from its end
+            for i in range(0, len(records), batch):
+                part = records[i:i + batch]
+                enc = tokenizer([format_chat(r, tokenizer)[0] for r in part], return_tensors="pt", padding=True,
+                                add_special_tokens=False)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id)
+                generations += [tokenizer.decode(o[enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+                                for o in out]
+            tokenizer.padding_side = side
+            exact = sum(g == r["output"] for g, r in zip(generations, records)) / len(records)
+    if was_training:
+        model.train()
+    return exact, total / max(count, 1), generations
+
+
+def held_out_records(job: dict) -> list[dict]:
+    import json
+
+    return json.loads(Path(job["held_out_file"]).read_text())
+
+
+def evaluate_before(job: dict) -> dict:
+    """The untrained model on the held-out records (in a process of its own): exact match, loss, generations."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.set_num_threads(job["threads"])
+    model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.bfloat16)
+    tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
+    exact, loss, gens = evaluate(model, tokenizer, held_out_records(job), job["cutoff_len"], job["max_new_tokens"])
+    return {"eval_before": exact, "held_out_loss_before": loss, "generations_before": gens[: job["shown"]]}
+
+
+def _reference_optimizer(model, args, recipe):
+    """The authors' `badam` package (1.4): its BlockOptimizer over AdamW, one block per decoder layer."""
+    import torch
+    from badam import BlockOptimizer as ReferenceBlockOptimizer
+
+    from ..core.partition import partition_model
+
+    blocks = partition_model(model, recipe.badam.partition).blocks
+    base = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    mode = recipe.badam.schedule.switch_mode
+    return ReferenceBlockOptimizer(base, list(model.named_parameters()), block_prefix_list=[[f"{b.name}."] for b in blocks],
+                                   switch_block_every=recipe.badam.schedule.switch_every,
+                                   switch_mode=mode, verbose=0)
+
+
+def train_method(method: str, job: dict) -> dict:
+    """Train `method` on `job["recipe"]` (a recipe dict: the same model, data and batches for every method) through
+    the recipe code path, with a progress bar; the held-out loss every `eval_every` steps (training seconds leave
+    it out) and, at the end, the held-out evaluation. Runs in the caller's process: use `run_isolated`."""
+    import torch
+    from transformers import Trainer, TrainerCallback
+
+    from ..integrations.trainer import BAdamTrainer
+    from ..recipes import build_parts, validate
+
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"method={method!r}: choose from {', '.join(FINETUNE_METHODS)}.")
+    torch.set_num_threads(job["threads"])
+    torch.manual_seed(job["seed"])
+    recipe = validate(job["recipe"], where=f"<{method}>")
+    parts = build_parts(recipe)
+    model, tokenizer, args = parts.model, parts.tokenizer, parts.args
+    held = held_out_records(job)
+    n_params = sum(p.numel() for p in model.parameters())
+    if method in LORA_TARGETS:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                 target_modules=LORA_TARGETS[method], task_type="CAUSAL_LM"))
+        parts.model = model
+    recorder = step_recorder()
+    curve: list[tuple[int, float, float]] = []
+    steps = args.max_steps
+
+    class HeldOutLoss(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step % job["eval_every"] == 0 or state.global_step == steps:
+                start = time.perf_counter()
+                _, loss, _ = evaluate(model, tokenizer, held, job["cutoff_len"])
+                recorder.exclude(time.perf_counter() - start)
+                curve.append((state.global_step, recorder.seconds[-1], loss))
+
+    kwargs = parts.trainer_kwargs() | {"eval_dataset": None, "callbacks": [recorder, HeldOutLoss()]}
+    if method == "badam":
+        trainer = BAdamTrainer(badam_config=recipe.badam, **kwargs)
+    elif method == "reference":
+        trainer = Trainer(optimizers=(_reference_optimizer(model, args, recipe), None), **kwargs)
+    else:
+        trainer = Trainer(**kwargs)
+    use_quiet_progress_bar(trainer)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainer.train()
+    exact, loss, generations = evaluate(model, tokenizer, held, job["cutoff_len"], job["max_new_tokens"])
+    logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
+    result: dict[str, Any] = {
+        "lr": args.learning_rate,
+        "eval_after": exact,
+        "held_out_loss_after": loss,
+        "generations_after": generations[: job["shown"]],
+        "train_seconds": recorder.seconds[-1],
+        "seconds_per_step": recorder.seconds[-1] / len(recorder.seconds),
+        "peak_rss_gb": peak_rss_kb() * 1024 / 1e9,
+        "optimizer_state_bytes": recorder.peak_state_bytes,
+        "num_parameters": n_params,
+        "trainable_parameters": trainable,
+        "train_losses": [h["loss"] for h in logged],
+        "step_seconds": recorder.seconds,
+        "held_out_curve": curve,
+    }
+    opt = unwrap_optimizer(trainer.optimizer)
+    if opt is not None:
+        params = opt.params_by_name
+        result["active_blocks"] = [h.get("badam/active_block") for h in logged]
+        result["num_blocks"] = opt.num_blocks
+        result["blocks_visited"] = len(set(result["active_blocks"]))
+        # one block at a time: the largest block's parameters
+        result["trainable_parameters"] = max(sum(params[n].numel() for n in b.param_names) for b in opt.partition.blocks)
+    return result
