@@ -21,7 +21,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -51,33 +50,8 @@ WARMUP_STEPS = 1  # untimed steps first (allocator / kernel warm-up); BAdam's bl
 # --- memory ------------------------------------------------------------------------------------------
 
 
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def rss_bytes() -> int:
-    return _status_kb("VmRSS") * 1024
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux: write 5 to clear_refs). False when not allowed."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_bytes() -> int:
-    try:
-        return _status_kb("VmHWM") * 1024
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# The process-memory probes are the harness's: VmRSS now, and VmHWM reset per phase.
+from badam_hf.tools.harness import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 
 
 def tensor_bytes(t) -> int:

@@ -54,38 +54,20 @@ class ConvergenceSettings:
     isolate: bool = True
 
     def __post_init__(self):
-        from badam_hf.tools.harness import FINETUNE_METHODS
+        from badam_hf import BAdamConfigError
+        from badam_hf.tools.harness import FINETUNE_METHODS, check_positive
 
         self.methods = tuple(self.methods)
         bad = [m for m in self.methods if m not in FINETUNE_METHODS]
         if bad or not self.methods:
-            raise ValueError(f"--methods {','.join(self.methods)}: choose from {', '.join(FINETUNE_METHODS)}.")
-        for name in ("steps", "switch_every", "batch_size", "cutoff_len", "eval_every", "threads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}.")
-
-
-def recipe_for(method: str, s: ConvergenceSettings, model_dir: str, train_file: str) -> dict:
-    return {
-        "model": {"name_or_path": model_dir, "dtype": "float32" if method == "adamw" else "bfloat16"},
-        "data": {"dataset": train_file, "format": "alpaca", "template": "chat", "cutoff_len": s.cutoff_len,
-                 "seed": s.seed},
-        "badam": {"switch_every": s.switch_every, "switch_mode": s.switch_mode, "seed": s.seed},
-        "training": {
-            "output_dir": str(Path(s.out_dir) / f".run_{method}"), "max_steps": s.steps,
-            "per_device_train_batch_size": s.batch_size, "learning_rate": s.lr[method],
-            "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0, "bf16": method == "adamw",
-            "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no", "use_cpu": True, "report_to": "none",
-            "seed": s.seed, "data_seed": s.seed, "dataloader_num_workers": 0, "disable_tqdm": False,
-            "log_level": "error",
-        },
-    }
+            raise BAdamConfigError(f"--methods {','.join(self.methods)}: choose from {', '.join(FINETUNE_METHODS)}.")
+        check_positive(self, ("steps", "switch_every", "batch_size", "cutoff_len", "eval_every", "threads"))
 
 
 def run(s: ConvergenceSettings) -> dict:
     from badam_hf.data.sft import load_alpaca_json, train_val_split
     from badam_hf.integrations.pretrained import prepare_model
-    from badam_hf.tools.harness import evaluate_before, plot_curves, run_isolated, train_method
+    from badam_hf.tools.harness import evaluate_before, finetune_recipe, plot_curves, run_isolated, train_method
 
     t0 = time.perf_counter()
     out = Path(s.out_dir)
@@ -104,7 +86,10 @@ def run(s: ConvergenceSettings) -> dict:
     results = {}
     for method in s.methods:
         print(f"[convergence] {NAMES[method]}: {s.steps} steps, lr {s.lr[method]}", flush=True)
-        recipe = recipe_for(method, s, model_dir, str((out / "train.json").resolve()))
+        recipe = finetune_recipe(method, model_dir=model_dir, train_file=str((out / "train.json").resolve()),
+                                 out_dir=s.out_dir, steps=s.steps, batch_size=s.batch_size, lr=s.lr[method],
+                                 cutoff_len=s.cutoff_len, switch_every=s.switch_every, switch_mode=s.switch_mode,
+                                 seed=s.seed)
         r = run_isolated(train_method, method, job | {"recipe": recipe}, isolate=s.isolate)
         r["held_out_loss_before"] = before["held_out_loss_before"]
         results[method] = r
@@ -179,7 +164,7 @@ def main(argv=None) -> int:
         given["methods"] = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     try:
         settings = ConvergenceSettings(data=a.data, out_dir=a.out, isolate=not a.no_isolate, **given)
-    except ValueError as e:
+    except ValueError as e:  # BAdamConfigError is one
         print(f"convergence: {e}", file=sys.stderr)
         return 2
     run(settings)

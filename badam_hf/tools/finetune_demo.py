@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import BAdamConfigError
-from .harness import evaluate_before, plot_curves, run_isolated, train_method
+from .harness import check_positive, evaluate_before, finetune_recipe, plot_curves, run_isolated, train_method
 
 MODEL = "smollm2-135m-instruct"
 MODEL_TITLE = "SmolLM2-135M-Instruct"
@@ -58,36 +58,11 @@ class DemoSettings:
             raise BAdamConfigError(f"methods={list(self.methods)!r}: choose from {', '.join(METHODS)}.")
         if "badam" not in self.methods or "adamw" not in self.methods:
             raise BAdamConfigError("methods must include badam and adamw (the demo compares them).")
-        for name in ("steps", "switch_every", "batch_size", "train_records", "held_out_records", "cutoff_len",
-                     "eval_every", "max_new_tokens", "threads"):
-            if getattr(self, name) < 1:
-                raise BAdamConfigError(f"{name}={getattr(self, name)!r}: it must be >= 1.")
+        check_positive(self, ("steps", "switch_every", "batch_size", "train_records", "held_out_records",
+                              "cutoff_len", "eval_every", "max_new_tokens", "threads"))
         missing = [m for m in self.methods if m not in self.lr]
         if missing:
             raise BAdamConfigError(f"lr has no learning rate for {', '.join(missing)}.")
-
-
-# --- one method, in a process of its own (badam_hf.tools.harness.train_method) ------------------------------
-
-
-def recipe_for(method: str, s: DemoSettings, model_dir: str, train_file: str, out: Path) -> dict:
-    """The recipe (as a dict) that this method's run trains through: the same model, data and batches."""
-    return {
-        "model": {"name_or_path": model_dir, "dtype": "float32" if method == "adamw" else "bfloat16"},
-        "data": {"dataset": train_file, "format": "alpaca", "template": "chat", "cutoff_len": s.cutoff_len,
-                 "seed": s.seed},
-        "badam": {"switch_every": s.switch_every, "switch_mode": s.switch_mode, "seed": s.seed},
-        "training": {
-            "output_dir": str(out / f".run_{method}"), "max_steps": s.steps,
-            "per_device_train_batch_size": s.batch_size, "learning_rate": s.lr[method],
-            "lr_scheduler_type": "constant", "max_grad_norm": 1.0, "weight_decay": 0.0,
-            # AdamW as HF users run it in mixed precision: fp32 weights, bf16 autocast. BAdam and LoRA keep bf16
-            # weights (BAdam's fp32 masters exist for the active block only).
-            "bf16": method == "adamw", "logging_steps": 1, "save_strategy": "no", "eval_strategy": "no",
-            "use_cpu": True, "report_to": "none", "seed": s.seed, "data_seed": s.seed,
-            "dataloader_num_workers": 0, "disable_tqdm": False, "log_level": "error",
-        },
-    }
 
 
 # --- the whole demo -------------------------------------------------------------------------------------------
@@ -125,7 +100,9 @@ def run_finetune_demo(settings: DemoSettings | None = None, verbose: bool = True
     methods: dict[str, dict] = {}
     for method in s.methods:
         say(f"[demo] {NAMES[method]}: {s.steps} steps, batch {s.batch_size}, lr {s.lr[method]}", flush=True)
-        recipe = recipe_for(method, s, str(model_dir), train_file, out)
+        recipe = finetune_recipe(method, model_dir=str(model_dir), train_file=train_file, out_dir=str(out),
+                                 steps=s.steps, batch_size=s.batch_size, lr=s.lr[method], cutoff_len=s.cutoff_len,
+                                 switch_every=s.switch_every, switch_mode=s.switch_mode, seed=s.seed)
         r = run_isolated(train_method, method, job | {"recipe": recipe}, isolate=s.isolate)
         methods[method] = {"eval_before": before["eval_before"], "held_out_loss_before": before["held_out_loss_before"],
                            "generations_before": before["generations_before"], **r}

@@ -4,7 +4,6 @@ callback that records them per step, and the loss-curve plot with BAdam's block 
 from __future__ import annotations
 
 import multiprocessing
-import os
 import sys
 import time
 from pathlib import Path
@@ -23,18 +22,45 @@ def run_isolated(fn: Callable, *args, isolate: bool = True):
 
 
 def peak_rss_kb() -> int:
+    """The process's peak resident memory since it started (KiB)."""
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
 
 
-def rss_now_kb() -> int:
+def _status_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def rss_bytes() -> int:
+    """Resident memory now (Linux; 0 elsewhere)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
-    except OSError:  # not Linux
+        return _status_kb("VmRSS") * 1024
+    except (OSError, KeyError):
         return 0
+
+
+def reset_peak_rss() -> bool:
+    """Reset the peak (VmHWM) to the current RSS (Linux: write 5 to clear_refs). False when not allowed."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident memory since the last `reset_peak_rss()` (or since start where it cannot be reset)."""
+    try:
+        return _status_kb("VmHWM") * 1024
+    except (OSError, KeyError):
+        return peak_rss_kb() * 1024
 
 
 def optimizer_state_bytes(optimizer) -> int:
@@ -53,27 +79,34 @@ def optimizer_state_bytes(optimizer) -> int:
 
 def step_recorder():
     """A TrainerCallback that records, per optimizer step, the seconds since training began (evaluation time
-    left out) and the largest optimizer state seen (BAdam drops a block's state when it switches)."""
+    left out), the largest optimizer state seen (BAdam drops a block's state when it switches), and the peak
+    resident memory of training (`peak_rss`; the model is loaded before; evaluations are left out: the peak
+    is read before each and reset after it)."""
     from transformers import TrainerCallback
 
     class StepRecorder(TrainerCallback):
         def __init__(self):
             self.seconds: list[float] = []
             self.peak_state_bytes = 0
+            self.peak_rss = 0
             self._start = None
             self._paused = 0.0
 
         def on_train_begin(self, args, state, control, **kwargs):
+            reset_peak_rss()
             self._start = time.perf_counter()
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             self.seconds.append(time.perf_counter() - self._start - self._paused)
+            self.peak_rss = max(self.peak_rss, peak_rss_bytes())
             if optimizer is not None:
                 self.peak_state_bytes = max(self.peak_state_bytes, optimizer_state_bytes(optimizer))
 
         def exclude(self, seconds: float) -> None:
-            """Leave `seconds` (an evaluation between two steps) out of the training time."""
+            """Leave `seconds` (an evaluation between two steps) out of the training time, and its memory out of
+            the training peak."""
             self._paused += seconds
+            reset_peak_rss()
 
         def on_evaluate(self, args, state, control, **kwargs):
             # the Trainer's own evaluation ran between two steps: it is not training time
@@ -137,7 +170,8 @@ LORA_TARGETS = {
 FINETUNE_METHODS = ("badam", "adamw", "lora", "lora_all", "reference")
 
 
-def evaluate(model, tokenizer, records: list[dict], cutoff_len: int, max_new_tokens: int = 0, batch: int = 16):
+def evaluate(model, tokenizer, records: list[dict], cutoff_len: int, max_new_tokens: int = 0, batch: int = 16,
+             loss_batch: int = 4):
     """(exact match or None, held-out loss, generations) on Alpaca-style `records` with the chat template: the
     loss over all answer tokens, and, when `max_new_tokens` > 0, the exact match of the greedy answer."""
     import torch
@@ -150,8 +184,8 @@ def evaluate(model, tokenizer, records: list[dict], cutoff_len: int, max_new_tok
     collate = SFTCollator(tokenizer.pad_token_id)
     total, count = 0.0, 0
     with torch.no_grad():
-        for i in range(0, len(records), batch):
-            b = collate([{k: v[j] for k, v in features.items()} for j in range(i, min(i + batch, len(records)))])
+        for i in range(0, len(records), loss_batch):
+            b = collate([{k: v[j] for k, v in features.items()} for j in range(i, min(i + loss_batch, len(records)))])
             logits = model(input_ids=b["input_ids"], attention_mask=b.get("attention_mask")).logits.float()
             labels = b["labels"][:, 1:]
             total += float(torch.nn.functional.cross_entropy(
@@ -192,6 +226,34 @@ def evaluate_before(job: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
     exact, loss, gens = evaluate(model, tokenizer, held_out_records(job), job["cutoff_len"], job["max_new_tokens"])
     return {"eval_before": exact, "held_out_loss_before": loss, "generations_before": gens[: job["shown"]]}
+
+
+def finetune_recipe(method: str, *, model_dir: str, train_file: str, out_dir: str, steps: int, batch_size: int,
+                    lr: float, cutoff_len: int, switch_every: int, switch_mode: str, seed: int) -> dict:
+    """The recipe (as a dict) one method's run trains through: the same model, data and batches for every method.
+    AdamW as HF users run mixed precision (fp32 weights, bf16 autocast); BAdam and LoRA keep bf16 weights
+    (BAdam's fp32 masters exist for the active block only). Constant learning rate, clipping at 1.0."""
+    return {
+        "model": {"name_or_path": model_dir, "dtype": "float32" if method == "adamw" else "bfloat16"},
+        "data": {"dataset": train_file, "format": "alpaca", "template": "chat", "cutoff_len": cutoff_len, "seed": seed},
+        "badam": {"switch_every": switch_every, "switch_mode": switch_mode, "seed": seed},
+        "training": {
+            "output_dir": str(Path(out_dir) / f".run_{method}"), "max_steps": steps,
+            "per_device_train_batch_size": batch_size, "learning_rate": lr, "lr_scheduler_type": "constant",
+            "max_grad_norm": 1.0, "weight_decay": 0.0, "bf16": method == "adamw", "logging_steps": 1,
+            "save_strategy": "no", "eval_strategy": "no", "use_cpu": True, "report_to": "none", "seed": seed,
+            "data_seed": seed, "dataloader_num_workers": 0, "disable_tqdm": False, "log_level": "error",
+        },
+    }
+
+
+def check_positive(settings, names) -> None:
+    """Refuse a settings dataclass whose named fields are not >= 1, naming the field and the value."""
+    from ..core.errors import BAdamConfigError
+
+    for name in names:
+        if getattr(settings, name) < 1:
+            raise BAdamConfigError(f"{name}={getattr(settings, name)!r}: it must be >= 1.")
 
 
 def _reference_optimizer(model, args, recipe):
@@ -265,7 +327,7 @@ def train_method(method: str, job: dict) -> dict:
         "generations_after": generations[: job["shown"]],
         "train_seconds": recorder.seconds[-1],
         "seconds_per_step": recorder.seconds[-1] / len(recorder.seconds),
-        "peak_rss_gb": peak_rss_kb() * 1024 / 1e9,
+        "peak_rss_gb": recorder.peak_rss / 1e9,  # training (model included, evaluations left out)
         "optimizer_state_bytes": recorder.peak_state_bytes,
         "num_parameters": n_params,
         "trainable_parameters": trainable,
