@@ -4,7 +4,7 @@
                                [--out DIR] [--batch B --seq S] [--gradient-checkpointing]
 
 Every method trains the same model (same seed, same random token batches) for the same number of steps, each
-in its own process (this script re-run with --worker), so peak-memory numbers do not leak between methods.
+in a process of its own (badam_hf.tools.harness.run_isolated), so peak-memory numbers do not leak between methods.
 Per method it measures: peak memory (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated), the bytes held in
 gradients, fp32 master copies and optimizer state (counted tensor by tensor at the end of the inner optimizer
 step, when all of them exist at once), and forward / backward / optimizer-step time per step.
@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 
@@ -51,7 +50,8 @@ WARMUP_STEPS = 1  # untimed steps first (allocator / kernel warm-up); BAdam's bl
 
 
 # The process-memory probes are the harness's: VmRSS now, and VmHWM reset per phase.
-from badam_hf.tools.harness import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
+# Each method runs in a process of its own (the harness's run_isolated), so its memory is its own.
+from badam_hf.tools.harness import IsolatedRunFailed, peak_rss_bytes, reset_peak_rss, rss_bytes, run_isolated  # noqa: E402
 
 
 def tensor_bytes(t) -> int:
@@ -139,8 +139,10 @@ def setup_method(method: str, model, num_layers: int, lr: float = 1e-5):
     if method == "lora":
         from peft import LoraConfig, get_peft_model
 
+        from badam_hf.tools.harness import LORA_TARGETS
+
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                 target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"))
+                                                 target_modules=LORA_TARGETS["lora"], task_type="CAUSAL_LM"))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         return model, opt, opt, None, info
     if method == "reference":
@@ -463,8 +465,6 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
-    p.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
     shape = SHAPES[args.shape]
@@ -481,12 +481,6 @@ def main(argv=None) -> int:
         args.steps = D
     if args.steps < 1:
         p.error("--steps must be >= 1")
-
-    if args.worker:
-        res = worker(args)
-        with open(args.worker_out, "w") as f:
-            json.dump(res, f)
-        return 0
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -507,27 +501,15 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     rows, failed = {}, {}
     for m in methods:
-        wout = os.path.join(out, f"worker_{m}.json")
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", m, "--worker-out", wout, "--shape", args.shape,
-               "--steps", str(args.steps), "--seed", str(args.seed)]
-        for flag, val in (("--batch", args.batch), ("--seq", args.seq)):
-            if val:
-                cmd += [flag, str(val)]
-        if args.gradient_checkpointing:
-            cmd.append("--gradient-checkpointing")
-        if args.cpu:
-            cmd.append("--cpu")
         t0 = time.perf_counter()
         print(f"[bench] {m}: running ...", flush=True)
-        proc = subprocess.run(cmd)
-        if proc.returncode != 0:
+        try:
+            rows[m] = run_isolated(worker, argparse.Namespace(**vars(args), worker=m))
+        except IsolatedRunFailed as e:
             # e.g. AdamW running out of GPU memory at --shape llama3-8b: report it and go on with the others.
-            print(f"[bench] {m}: worker failed with exit code {proc.returncode}", file=sys.stderr)
-            failed[m] = proc.returncode
+            print(f"[bench] {m}: {e}", file=sys.stderr)
+            failed[m] = e.exitcode
             continue
-        with open(wout) as f:
-            rows[m] = json.load(f)
-        os.remove(wout)
         print(f"[bench] {m}: done in {time.perf_counter() - t0:.1f} s", flush=True)
 
     if not rows:

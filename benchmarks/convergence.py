@@ -151,6 +151,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=None)
     p.add_argument("--max-records", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--lr", default=None, help="learning rates to change, e.g. badam=2e-4,adamw=2e-5")
     p.add_argument("--no-isolate", action="store_true", help="run every method in this process (faster start)")
     a = p.parse_args(argv)
     if not Path(a.data).is_file():
@@ -164,6 +165,11 @@ def main(argv=None) -> int:
         given["methods"] = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     try:
         settings = ConvergenceSettings(data=a.data, out_dir=a.out, isolate=not a.no_isolate, **given)
+        for item in filter(None, (a.lr or "").split(",")):
+            method, _, value = item.partition("=")
+            if method.strip() not in settings.lr:
+                raise ValueError(f"--lr {item}: no method {method.strip()!r}; choose from {', '.join(settings.lr)}.")
+            settings.lr[method.strip()] = float(value)
     except ValueError as e:  # BAdamConfigError is one
         print(f"convergence: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 """Smoke test of benchmarks/convergence.py: every method on the real model and the shared Alpaca records, scaled
-down (2 steps, 24 records, all methods in one process); checks what it writes. Skipped when the shared data file
+down (4 steps, 24 records, all methods in one process); checks what it writes. Skipped when the shared data file
 is absent."""
 
 import json
@@ -23,8 +23,8 @@ METHODS = ["badam", "adamw", "lora", "lora_all", "reference"]
 @pytest.mark.skipif(not DATA.exists(), reason=f"{DATA} is absent")
 def test_convergence_small(tmp_path, smollm2_cache):
     out = tmp_path / "conv"
-    cmd = [sys.executable, str(SCRIPT), "--data", str(DATA), "--out", str(out), "--no-isolate", "--steps", "2",
-           "--switch-every", "1", "--max-records", "24", "--cutoff-len", "64", "--eval-every", "1",
+    cmd = [sys.executable, str(SCRIPT), "--data", str(DATA), "--out", str(out), "--no-isolate", "--steps", "4",
+           "--switch-every", "2", "--max-records", "24", "--cutoff-len", "64", "--eval-every", "2",
            "--methods", ",".join(METHODS)]
     env = dict(os.environ, **{pretrained.CACHE_ENV: str(smollm2_cache)})
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
@@ -37,9 +37,11 @@ def test_convergence_small(tmp_path, smollm2_cache):
     held = {r["instruction"] + r.get("input", "") for r in json.loads((out / "held_out.json").read_text())}
     assert not train & held
     for name, r in s["results"].items():
-        assert [c[0] for c in r["held_out_curve"]] == [1, 2], name
+        assert [c[0] for c in r["held_out_curve"]] == [2, 4], name
         assert math.isfinite(r["held_out_loss_after"]) and r["held_out_loss_before"] == s["held_out_loss_before"]
         assert r["seconds_per_step"] > 0 and r["peak_rss_gb"] > 0
+        # found inside accelerate's and the authors' wrappers too (K=2: a step that does not switch keeps its state)
+        assert r["optimizer_state_bytes"] > 0, name
     res = s["results"]
     # BAdam (ours) trains one layer at a time; LoRA on every linear layer has more adapters than on q, v alone.
     assert res["badam"]["blocks_visited"] == 2 and res["badam"]["num_blocks"] == 30

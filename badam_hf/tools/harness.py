@@ -12,13 +12,46 @@ from typing import Any, Callable
 from ..core.optimizer import unwrap_optimizer
 
 
+class IsolatedRunFailed(RuntimeError):
+    """The process of `run_isolated` died (killed for memory, say) or `fn` raised there; `exitcode` says which."""
+
+    def __init__(self, message: str, exitcode: int | None):
+        super().__init__(message)
+        self.exitcode = exitcode
+
+
+def _child(conn, fn, args) -> None:
+    try:
+        conn.send((True, fn(*args)))
+    except BaseException:  # report it to the parent, whatever it was
+        import traceback
+
+        conn.send((False, traceback.format_exc()))
+        raise SystemExit(1)
+    finally:
+        conn.close()
+
+
 def run_isolated(fn: Callable, *args, isolate: bool = True):
-    """`fn(*args)` in a fresh (spawned) process, so its peak memory is its own; `isolate=False`: right here."""
+    """`fn(*args)` in a fresh (spawned) process, so its peak memory is its own; `isolate=False`: right here.
+    A process that dies (an out-of-memory kill) or an exception in it raises IsolatedRunFailed here, so a
+    caller can report that run and go on with the next."""
     if not isolate:
         return fn(*args)
     ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(fn, args)
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(send, fn, args))
+    proc.start()
+    send.close()
+    try:
+        ok, value = receive.recv()
+    except EOFError:  # died without a word
+        ok, value = False, None
+    proc.join()
+    if not ok:
+        raise IsolatedRunFailed(f"{getattr(fn, '__name__', fn)} failed in its process (exit code {proc.exitcode})"
+                                + (f":\n{value}" if value else ""), proc.exitcode)
+    return value
 
 
 def peak_rss_kb() -> int:
@@ -70,10 +103,11 @@ def optimizer_state_bytes(optimizer) -> int:
         mem = block.memory_bytes()
         return mem["optimizer_state"] + mem["masters"]
     inner = optimizer
-    while hasattr(inner, "optimizer") and not hasattr(inner, "state"):
-        inner = inner.optimizer
-    # accelerate's wrapper holds it as .optimizer, the authors' BlockOptimizer as .base_optimizer
-    inner = getattr(inner, "base_optimizer", getattr(inner, "optimizer", inner))
+    for _ in range(5):  # accelerate's wrapper holds it as .optimizer, the authors' BlockOptimizer as .base_optimizer
+        wrapped = getattr(inner, "base_optimizer", None) or getattr(inner, "optimizer", None)
+        if wrapped is None or wrapped is inner:
+            break
+        inner = wrapped
     return sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values() if hasattr(v, "numel"))
 
 
@@ -129,7 +163,8 @@ def use_quiet_progress_bar(trainer) -> None:
     trainer.add_callback(QuietProgress())
 
 
-STYLES = {"badam": ("BAdam", "-"), "adamw": ("AdamW", "--"), "lora": ("LoRA", "-."), "reference": ("authors' badam", ":")}
+STYLES = {"badam": ("BAdam", "-"), "adamw": ("AdamW", "--"), "lora": ("LoRA (q, v)", "-."),
+          "lora_all": ("LoRA (all linear)", (0, (5, 1, 1, 1))), "reference": ("authors' badam", ":")}
 
 
 def plot_curves(path: Path, panels: list[dict[str, Any]], switches: list[float] = (), title: str = "") -> None:
@@ -143,8 +178,10 @@ def plot_curves(path: Path, panels: list[dict[str, Any]], switches: list[float] 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for method, (xs, ys) in panel["curves"].items():
-            label, style = STYLES.get(method, (method, "-"))
-            ax.plot(xs, ys, style, marker="o" if len(xs) <= 20 else None, markersize=3, label=label)
+            label, style = STYLES.get(method.split("@")[0], (method, "-"))
+            if "@" in method:  # a variant, e.g. "badam@lr 2e-4"
+                label, style = f"{label} ({method.split('@', 1)[1]})", (0, (1, 1))
+            ax.plot(xs, ys, linestyle=style, marker="o" if len(xs) <= 20 else None, markersize=3, label=label)
         if panel.get("switches"):
             for k, s in enumerate(switches):
                 ax.axvline(s, color="gray", linestyle=":", linewidth=0.7, label="BAdam block switch" if k == 0 else None)
