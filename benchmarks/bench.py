@@ -17,6 +17,7 @@ results.json, results.md and memory_time.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -453,6 +454,22 @@ def machine_description(cuda_name: str | None) -> str:
     return f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
 
 
+@dataclasses.dataclass
+class BenchSettings:
+    """One bench run (the command line's options); `worker` names the method a worker process measures."""
+
+    shape: str = "cpu"
+    steps: int | None = None  # default: one block-epoch (D steps)
+    methods: str = "badam,adamw,lora,reference"
+    out: str | None = None
+    batch: int | None = None
+    seq: int | None = None
+    gradient_checkpointing: bool | None = None  # default: the shape's
+    cpu: bool = False
+    seed: int = 0
+    worker: str | None = None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=list(SHAPES), default="cpu")
@@ -465,7 +482,7 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = BenchSettings(**vars(p.parse_args(argv)))
 
     shape = SHAPES[args.shape]
     import torch
@@ -504,7 +521,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         print(f"[bench] {m}: running ...", flush=True)
         try:
-            rows[m] = run_isolated(worker, argparse.Namespace(**vars(args), worker=m))
+            rows[m] = run_isolated(worker, dataclasses.replace(args, worker=m))
         except IsolatedRunFailed as e:
             # e.g. AdamW running out of GPU memory at --shape llama3-8b: report it and go on with the others.
             print(f"[bench] {m}: {e}", file=sys.stderr)
