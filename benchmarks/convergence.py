@@ -67,7 +67,15 @@ class ConvergenceSettings:
 def run(s: ConvergenceSettings) -> dict:
     from badam_hf.data.sft import load_alpaca_json, train_val_split
     from badam_hf.integrations.pretrained import prepare_model
-    from badam_hf.tools.harness import evaluate_before, finetune_recipe, plot_curves, run_isolated, train_method
+    from badam_hf.tools.harness import (
+        evaluate_before,
+        finetune_recipe,
+        held_out_points,
+        plot_curves,
+        run_isolated,
+        switch_positions,
+        train_method,
+    )
 
     t0 = time.perf_counter()
     out = Path(s.out_dir)
@@ -100,14 +108,11 @@ def run(s: ConvergenceSettings) -> dict:
                "train_records": len(train), "held_out_records": len(held),
                "held_out_loss_before": before["held_out_loss_before"], "results": results,
                "total_seconds": time.perf_counter() - t0}
-    switches = [k * s.switch_every + 0.5 for k in range(1, s.steps // s.switch_every)]
-
-    def curve(r, x):
-        return [0] + [c[x] for c in r["held_out_curve"]], [r["held_out_loss_before"]] + [c[2] for c in r["held_out_curve"]]
-
-    panels = [{"x": "optimizer step", "y": "held-out loss", "switches": True, "curves": {m: curve(r, 0) for m, r in results.items()}},
-              {"x": "training seconds (2 CPU cores)", "y": "held-out loss", "curves": {m: curve(r, 1) for m, r in results.items()}}]
-    plot_curves(out / "convergence.png", panels, switches,
+    panels = [{"x": "optimizer step", "y": "held-out loss", "switches": True,
+               "curves": {m: held_out_points(r, "step") for m, r in results.items()}},
+              {"x": "training seconds (2 CPU cores)", "y": "held-out loss",
+               "curves": {m: held_out_points(r, "seconds") for m, r in results.items()}}]
+    plot_curves(out / "convergence.png", panels, switch_positions(s.steps, s.switch_every),
                 title=f"SmolLM2-135M-Instruct on {len(train)} Alpaca records, batch {s.batch_size}, {s.steps} steps")
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     (out / "results.md").write_text(results_md(summary))

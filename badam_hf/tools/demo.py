@@ -36,7 +36,7 @@ from ..data.sft import (
     tokenize_sft,
 )
 from ..data.synthetic import make_synthetic_records
-from .harness import optimizer_state_bytes, peak_rss_kb, run_isolated
+from .harness import optimizer_state_bytes, peak_rss_kb, plot_curves, run_isolated, switch_positions
 
 METHODS = ("badam", "adamw")
 def _train_one(method: str, job: dict) -> dict:
@@ -147,24 +147,9 @@ def _window_mean(values: list[float], n: int, tail: bool) -> float:
 
 
 def _plot(path: Path, results: dict, switch_every: int, steps: int, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for method, style in (("badam", "-"), ("adamw", "--")):
-        losses = results[method]["losses"]
-        ax.plot(range(1, len(losses) + 1), losses, style, label="BAdam" if method == "badam" else "AdamW")
-    for k, s in enumerate(range(switch_every, steps, switch_every)):
-        ax.axvline(s + 0.5, color="gray", linestyle=":", linewidth=0.8, label="BAdam block switch" if k == 0 else None)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (response tokens)")
-    ax.set_title(title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    curves = {m: (list(range(1, len(results[m]["losses"]) + 1)), results[m]["losses"]) for m in METHODS}
+    plot_curves(path, [{"x": "optimizer step", "y": "training loss (response tokens)", "switches": True,
+                        "curves": curves}], switch_positions(steps, switch_every), title=title)
 
 
 def _report_md(summary: dict) -> str:

@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 
 from ..core.errors import BAdamConfigError
-from .harness import check_positive, evaluate_before, finetune_recipe, plot_curves, run_isolated, train_method
+from .harness import (
+    check_positive,
+    evaluate_before,
+    finetune_recipe,
+    held_out_points,
+    plot_curves,
+    run_isolated,
+    switch_positions,
+    train_method,
+)
 
 MODEL = "smollm2-135m-instruct"
 MODEL_TITLE = "SmolLM2-135M-Instruct"
@@ -123,18 +132,15 @@ def run_finetune_demo(settings: DemoSettings | None = None, verbose: bool = True
         "methods": methods,
         "total_seconds": time.perf_counter() - t0,
     }
-    switches = [k * s.switch_every + 0.5 for k in range(1, s.steps // s.switch_every)]
     panels = [
         {"x": "optimizer step", "y": "training loss (answer tokens)", "switches": True, "log": True,
          "curves": {m: (list(range(1, len(r["train_losses"]) + 1)), r["train_losses"]) for m, r in methods.items()}},
         {"x": "optimizer step", "y": "held-out loss", "switches": True, "log": True,
-         "curves": {m: ([0] + [c[0] for c in r["held_out_curve"]], [r["held_out_loss_before"]] + [c[2] for c in r["held_out_curve"]])
-                    for m, r in methods.items()}},
+         "curves": {m: held_out_points(r, "step") for m, r in methods.items()}},
         {"x": "training seconds (2 CPU cores)", "y": "held-out loss", "log": True,
-         "curves": {m: ([0] + [c[1] for c in r["held_out_curve"]], [r["held_out_loss_before"]] + [c[2] for c in r["held_out_curve"]])
-                    for m, r in methods.items()}},
+         "curves": {m: held_out_points(r, "seconds") for m, r in methods.items()}},
     ]
-    plot_curves(out / "loss.png", panels, switches, title=f"{MODEL_TITLE}: dates in words, {s.steps} steps")
+    plot_curves(out / "loss.png", panels, switch_positions(s.steps, s.switch_every), title=f"{MODEL_TITLE}: dates in words, {s.steps} steps")
     (out / "report.md").write_text(report_md(summary), encoding="utf-8")
     (out / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
     say(f"[demo] done in {summary['total_seconds']:.0f} s: {out.resolve()}/report.md, loss.png, results.json", flush=True)

@@ -167,6 +167,19 @@ STYLES = {"badam": ("BAdam", "-"), "adamw": ("AdamW", "--"), "lora": ("LoRA (q, 
           "lora_all": ("LoRA (all linear)", (0, (5, 1, 1, 1))), "reference": ("authors' badam", ":")}
 
 
+def held_out_points(result: dict, axis: str) -> tuple[list, list]:
+    """(xs, ys) of a run's held-out loss from before training on: x is the step (axis="step") or the training
+    seconds (axis="seconds") of each evaluation in `result["held_out_curve"]`."""
+    k = {"step": 0, "seconds": 1}[axis]
+    curve = result["held_out_curve"]
+    return [0] + [c[k] for c in curve], [result["held_out_loss_before"]] + [c[2] for c in curve]
+
+
+def switch_positions(steps: int, switch_every: int) -> list[float]:
+    """Where BAdam's block switches fall on a step axis (between the steps)."""
+    return [k * switch_every + 0.5 for k in range(1, (steps - 1) // switch_every + 1)]
+
+
 def plot_curves(path: Path, panels: list[dict[str, Any]], switches: list[float] = (), title: str = "") -> None:
     """Side-by-side panels of curves. Each panel: {"x": label, "y": label, "curves": {method: (xs, ys)},
     "switches": bool}; BAdam's block switches (x positions) are drawn as dotted lines where asked."""
@@ -178,9 +191,7 @@ def plot_curves(path: Path, panels: list[dict[str, Any]], switches: list[float] 
     fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
     for ax, panel in zip(axes[0], panels):
         for method, (xs, ys) in panel["curves"].items():
-            label, style = STYLES.get(method.split("@")[0], (method, "-"))
-            if "@" in method:  # a variant, e.g. "badam@lr 2e-4"
-                label, style = f"{label} ({method.split('@', 1)[1]})", (0, (1, 1))
+            label, style = STYLES.get(method, (method, "-"))
             ax.plot(xs, ys, linestyle=style, marker="o" if len(xs) <= 20 else None, markersize=3, label=label)
         if panel.get("switches"):
             for k, s in enumerate(switches):
