@@ -46,20 +46,23 @@ def trainer_out(tmp_path_factory):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("scenario", ["plain", "ga_gc", "reentrant"])
+@pytest.mark.parametrize("scenario", ["plain", "ga_gc", "reentrant", "bf16_ga"])
 def test_ddp_ranks_agree_and_equal_reference(ddp_out, scenario, tiny_llama):
     """Ranks trained on different data end bit-identical, and equal to one process that averages the two
-    ranks' gradients by hand (SGD inner optimizer, so the comparison is exact)."""
+    ranks' gradients by hand (SGD inner optimizer, so the comparison is exact). bf16_ga: bf16 weights, GA=4
+    under no_sync(); the reference sums each rank's micro-batches in fp32, rounds once, averages in bf16."""
     r0, r1 = load(ddp_out, f"{scenario}_rank0"), load(ddp_out, f"{scenario}_rank1")
     ref = load(ddp_out, f"{scenario}_ref")
     assert same(r0, r1)
     assert same(r0, ref)
-    initial = {n: p.detach() for n, p in tiny_llama().named_parameters()}
+    initial = {n: p.detach().to(r0[n].dtype) for n, p in tiny_llama().named_parameters()}
     assert initial.keys() == r0.keys() and not same(r0, initial)  # it trained
+    if scenario == "bf16_ga":  # and the fp32 accumulation made a difference
+        assert not same(r0, load(ddp_out, f"{scenario}_bf16ref"))
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("scenario", ["plain", "ga_gc", "reentrant"])
+@pytest.mark.parametrize("scenario", ["plain", "ga_gc", "reentrant", "bf16_ga"])
 def test_ddp_only_active_block_moves_and_blocks_are_revisited(ddp_out, scenario):
     for rank in (0, 1):
         info = read(ddp_out, f"{scenario}_rank{rank}")
@@ -67,8 +70,13 @@ def test_ddp_only_active_block_moves_and_blocks_are_revisited(ddp_out, scenario)
         for rec in records:
             prefix = BLOCKS[rec["block"]]
             assert rec["trainable"] and all(n.startswith(prefix) for n in rec["trainable"])
-            # Exactly the active block moved at every step (SGD moves every parameter that has a grad).
-            assert set(rec["changed"]) == set(rec["trainable"])
+            # Exactly the active block moved at every step (SGD moves every parameter that has a grad; in bf16
+            # a norm weight's small update may round away, the matrices' do not).
+            if scenario == "bf16_ga":
+                assert set(rec["changed"]) <= set(rec["trainable"])
+                assert {n for n in rec["trainable"] if "proj" in n} <= set(rec["changed"])
+            else:
+                assert set(rec["changed"]) == set(rec["trainable"])
         blocks = [rec["block"] for rec in records]
         assert set(blocks) == {0, 1, 2, 3}
         # One rebuild at attach, one per switch: the reducer followed every block, including a revisited one.

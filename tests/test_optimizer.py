@@ -309,7 +309,7 @@ def test_matches_plain_adamw_on_active_block_fp32(start, tiny_llama):
                 {"params": [ref_params[n] for n in names if n in decay], "weight_decay": wd},
                 {"params": [ref_params[n] for n in names if n not in decay], "weight_decay": 0.0},
             ],
-            lr=lr, betas=(0.9, 0.95), eps=1e-6,
+            lr=lr, betas=(0.9, 0.95), eps=1e-6, fused=True,  # BAdam's inner AdamW runs torch's fused kernel
         )
         for _ in range(K):
             assert opt.active_block == block

@@ -30,8 +30,9 @@ def active_names(opt) -> list[str]:
 
 
 def test_bf16_masters_match_fp32_adamw_reference(tiny_llama):
-    """The fp32 masters follow exactly the trajectory of torch AdamW run in fp32 on the same gradients
-    (upcast from bf16), and the bf16 weights are the masters rounded to bf16."""
+    """The fp32 masters follow exactly the trajectory of torch AdamW (the same fused kernel) run in fp32 on the
+    same gradients, and the bf16 weights are the masters rounded to bf16. The gradients arrive in fp32 on the
+    masters during backward: no bf16 gradient is left on the weights."""
     K, lr, wd = 3, 1e-3, 0.1
     model = tiny_llama(dtype=torch.bfloat16)
     opt = BlockOptimizer(model, lr=lr, weight_decay=wd, switch_every=K, switch_mode="ascending")
@@ -50,14 +51,15 @@ def test_bf16_masters_match_fp32_adamw_reference(tiny_llama):
                 {"params": [refs[n] for n in names if n in decay], "weight_decay": wd},
                 {"params": [refs[n] for n in names if n not in decay], "weight_decay": 0.0},
             ],
-            lr=lr,
+            lr=lr, fused=True,
         )
         for _ in range(K):
             ids = batch(step)
             model(input_ids=ids, labels=ids).loss.backward()
             for n in names:
-                assert params[n].grad.dtype == torch.bfloat16
-                refs[n].grad = params[n].grad.float()
+                assert params[n].grad is None
+                assert opt.masters[n].grad.dtype == torch.float32
+                refs[n].grad = opt.masters[n].grad.clone()
             before = snapshot(model)
             masters = [opt.masters[n] for n in names]  # the step may switch blocks and free them
             opt.step()

@@ -125,14 +125,24 @@ class BAdamConfig:
         inner_optimizer: the optimizer run on the active block: `adamw` (default), `adam`, `sgd`, or a
             dotted path to any `torch.optim.Optimizer` subclass (`torch.optim.Adagrad`).
         truncate_backward: stop the backward pass at the lowest active layer (BAdam's backward saving).
+        fp32_grad_accumulation: for low-precision (bf16) weights, move each active parameter's gradient into
+            its fp32 master gradient as soon as autograd produces it and free the bf16 one: gradient
+            accumulation over micro-batches then happens in fp32, and no bf16 gradient of the block stays
+            alive. `false` keeps the bf16 gradient on the parameter until the step (the authors' package
+            and LlamaFactory do that). Engines that own the gradients (FSDP2 shards, DeepSpeed ZeRO-3)
+            keep their own path whatever this says.
     """
 
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     inner_optimizer: str | type = "adamw"
     truncate_backward: bool = True
+    fp32_grad_accumulation: bool = True
 
     def __post_init__(self):
+        for name in ("truncate_backward", "fp32_grad_accumulation"):
+            if not isinstance(getattr(self, name), bool):
+                raise BAdamConfigError(f"{name}={getattr(self, name)!r} is not valid; it must be true or false.")
         if isinstance(self.partition, dict):
             self.partition = PartitionConfig(**self.partition)
         if isinstance(self.schedule, dict):
@@ -154,6 +164,7 @@ class BAdamConfig:
                 out[f.name] = (section, f.type)
         out["inner_optimizer"] = (None, str)
         out["truncate_backward"] = (None, bool)
+        out["fp32_grad_accumulation"] = (None, bool)
         return out
 
     @classmethod

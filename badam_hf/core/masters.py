@@ -32,11 +32,50 @@ def make_master(param: torch.Tensor) -> torch.Tensor:
     return local_shard(param.detach()).to(torch.float32, copy=True)
 
 
+def flat_fp32_like(tensors: list[torch.Tensor], copy: bool = False) -> list[torch.Tensor]:
+    """fp32 tensors shaped like `tensors` (their local shards), as views of one contiguous buffer per device.
+    One allocation per block instead of one per tensor: a switch frees it whole (nothing left behind for
+    the allocator to fragment), and its size is exactly 4 bytes x the block's (local) elements. `copy`
+    fills each view with its tensor's values."""
+    locals_ = [local_shard(t.detach()) for t in tensors]
+    out: list[torch.Tensor | None] = [None] * len(locals_)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(locals_):
+        by_device.setdefault(t.device, []).append(i)
+    with torch.no_grad():
+        for device, idx in by_device.items():
+            flat = torch.empty(sum(locals_[i].numel() for i in idx), dtype=torch.float32, device=device)
+            offset = 0
+            for i in idx:
+                n = locals_[i].numel()
+                out[i] = flat[offset:offset + n].view(locals_[i].shape)
+                if copy:
+                    out[i].copy_(locals_[i])
+                offset += n
+    return out
+
+
+def make_flat_masters(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 masters of `params` (see `flat_fp32_like`)."""
+    return flat_fp32_like(params, copy=True)
+
+
 @torch.no_grad()
-def grads_to_masters(params: list[torch.Tensor], masters: list[torch.Tensor]) -> None:
-    """Move each low-precision grad up to its master (fp32) and free the low-precision one."""
-    for p, m in zip(params, masters):
-        m.grad = None if p.grad is None else local_shard(p.grad).to(torch.float32)
+def grads_to_masters(params: list[torch.Tensor], masters: list[torch.Tensor], buffers=None) -> None:
+    """Move each low-precision grad that is still on its parameter up to its master (fp32) and free the
+    low-precision one. A master whose gradient already arrived in fp32 (the post-accumulate-grad path) keeps
+    it, adding what the parameter holds, if anything. `buffers[i]`, when given, is where master i's fp32
+    gradient lives (a view of the block's gradient buffer, see `flat_fp32_like`); else a new tensor is made."""
+    for i, (p, m) in enumerate(zip(params, masters)):
+        if p.grad is None:
+            continue
+        g = local_shard(p.grad)
+        if m.grad is not None:
+            m.grad.add_(g)
+        elif buffers is not None:
+            m.grad = buffers[i].copy_(g)
+        else:
+            m.grad = g.to(torch.float32)
         p.grad = None
 
 

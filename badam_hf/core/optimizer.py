@@ -12,6 +12,7 @@ else:
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import OrderedDict
 from types import MappingProxyType
@@ -24,11 +25,32 @@ from torch.utils.hooks import RemovableHandle
 from .backward_truncation import BackwardTruncation
 from .config import BAdamConfig
 from .errors import BAdamConfigError, CheckpointMismatchError
-from .masters import grads_to_masters, is_sharded, local_shard, make_master, masters_to_params, needs_master
+from .masters import (
+    flat_fp32_like,
+    grads_to_masters,
+    is_sharded,
+    local_shard,
+    make_flat_masters,
+    masters_to_params,
+    needs_master,
+)
 from .partition import Partition, partition_model
 from .schedule import BlockSchedule
 
 STATE_VERSION = 1
+
+
+def _fused_supported(model: nn.Module, inner_cls: type) -> bool:
+    """Whether torch's fused Adam/AdamW kernel runs where this model lives (CPU and CUDA in torch 2.13)."""
+    if not issubclass(inner_cls, (torch.optim.Adam, torch.optim.AdamW)):
+        return False
+    try:
+        from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+        devices = set(_get_fused_kernels_supported_devices())
+    except ImportError:  # a torch without the helper: the two devices fused Adam has long supported
+        devices = {"cpu", "cuda"}
+    return all(p.device.type in devices for p in model.parameters())
 
 
 def hf_decay_parameter_names(model: nn.Module) -> set[str]:
@@ -80,6 +102,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         opt.register_switch_hook(fn): fn(optimizer) runs after every (re)activation of a block.
         opt.attach_driver(driver): an engine that owns the fp32 masters and drives the step (DeepSpeed
             ZeRO-3); `step()` then calls `driver.step(closure)`.
+        opt.register_grad_keep_check(fn): fn() -> True while an engine reduces the parameters' gradients in
+            the current backward (DDP's sync pass): the fp32 accumulation then hands the parameter its whole
+            accumulated gradient, rounded once, instead of taking it.
         torch's own `register_step_pre_hook`, `register_state_dict_post_hook`,
             `register_load_state_dict_pre_hook` / `_post_hook` for engine state in checkpoints.
     """
@@ -131,6 +156,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._decay = decay
         self._masters: dict[str, torch.Tensor] = {}
         self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._grad_keep_checks: OrderedDict[int, Callable[[], bool]] = OrderedDict()
+        self._grad_hooks: dict[str, RemovableHandle] = {}
+        self._grad_buffers: dict[str, torch.Tensor] | None = None  # name -> fp32 gradient view, one buffer
         self._driver = None
         self.global_step = 0
         self.active_block: int = self.schedule.block_at(0)
@@ -146,6 +174,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         hyper = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
         inner_defaults = {k: v for k, v in hyper.items() if k in accepted}
         inner_defaults.update(inner_kwargs or {})
+        if "fused" in accepted and not {"fused", "foreach"} & set(inner_defaults) and _fused_supported(model, inner_cls):
+            # Measured on CPU (torch 2.13, one layer's tensors): fused 4x faster than the per-tensor loop and
+            # than foreach, and no whole-block temporaries (foreach's sqrt makes one).
+            inner_defaults["fused"] = True
         # Built once over two (decay, no decay) groups whose `params` lists change in place at each switch.
         # Explicit per-group weight decay: a base optimizer's default (AdamW: 0.01) must never override it.
         inner_groups = [{"params": []}, {"params": []}]
@@ -226,6 +258,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._switch_hooks[handle.id] = hook
         return handle
 
+    def register_grad_keep_check(self, check: Callable[[], bool]) -> RemovableHandle:
+        handle = RemovableHandle(self._grad_keep_checks)
+        self._grad_keep_checks[handle.id] = check
+        return handle
+
     def attach_driver(self, driver) -> RemovableHandle:
         """Hand the step to an engine that owns the fp32 masters (DeepSpeed ZeRO-3): `step()` calls
         `driver.step(closure)`, no masters are made, and the current block is re-activated in that layout."""
@@ -242,6 +279,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         """Drop the inner optimizer's state and the fp32 masters (an engine rebuilding its own layout)."""
         self.inner.state.clear()
         self._masters.clear()
+        for name in list(self._grad_hooks):
+            self._drop_grad_hook(name)
+        self._grad_buffers = None
 
     def sync_hyperparameters(self) -> None:
         """Copy lr, betas, ... from the outer groups (which LR schedulers change) into the inner optimizer's."""
@@ -264,15 +304,24 @@ class BlockOptimizer(torch.optim.Optimizer):
                 continue  # always-active parameters keep their master and moments across switches
             self.inner.state.pop(self._target(name), None)
             self._masters.pop(name, None)
+            self._drop_grad_hook(name)
             p = self._params[name]
             if name not in new_set:
                 p.requires_grad_(False)
                 p.grad = None
+        self._grad_buffers = None
+        # The block's masters: views of one fp32 buffer (one allocation, freed whole at the next switch).
+        fresh_names = [
+            n for n in new if self._driver is None and n not in self._masters and needs_master(self._params[n])
+        ]
+        for name, master in zip(fresh_names, make_flat_masters([self._params[n] for n in fresh_names])):
+            self._masters[name] = master
         for name in new:
-            p = self._params[name]
-            p.requires_grad_(True)
-            if needs_master(p) and name not in self._masters and self._driver is None:
-                self._masters[name] = make_master(p)
+            self._params[name].requires_grad_(True)
+            if name not in self._grad_hooks and self._hooks_grads(name):
+                self._grad_hooks[name] = self._params[name].register_post_accumulate_grad_hook(
+                    functools.partial(self._take_grad, name)
+                )
         # Keep the two group dicts (and their list objects): LR schedulers hold on to them.
         for gi, decays in ((0, True), (1, False)):
             names = [n for n in new if (n in self._decay) == decays]
@@ -283,6 +332,76 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.truncation.update(new)
         for hook in list(self._switch_hooks.values()):
             hook(self)
+
+    # --- gradients straight into fp32 ---------------------------------------------------------------
+
+    def _hooks_grads(self, name: str) -> bool:
+        # Sharded parameters (FSDP2) get their reduced gradient assigned by the engine, not accumulated by
+        # autograd; a driving engine (ZeRO-3) owns the gradients. Both keep their own path.
+        p = self._params[name]
+        return self.config.fp32_grad_accumulation and name in self._masters and not is_sharded(p)
+
+    def _drop_grad_hook(self, name: str) -> None:
+        handle = self._grad_hooks.pop(name, None)
+        if handle is not None:
+            handle.remove()
+
+    def _grad_buffer(self, name: str) -> torch.Tensor:
+        """The fp32 gradient view of `name`'s master: all of them live in one buffer, made at the first
+        gradient after a step and freed at the next step."""
+        if self._grad_buffers is None:
+            names = list(self._masters)
+            self._grad_buffers = dict(zip(names, flat_fp32_like([self._masters[n] for n in names])))
+        return self._grad_buffers[name]
+
+    @torch.no_grad()
+    def _take_grad(self, name: str, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: add the gradient autograd just left on `p` to its fp32 master gradient."""
+        master = self._masters.get(name)
+        if p.grad is None or master is None:
+            return
+        keep = any(check() for check in list(self._grad_keep_checks.values()))
+        if keep and master.grad is None:
+            return  # nothing accumulated in fp32: the engine reduces the gradient as autograd made it
+        g = local_shard(p.grad)
+        if master.grad is None:
+            master.grad = self._grad_buffer(name).copy_(g)
+        else:
+            master.grad.add_(g)
+        if keep:
+            # The engine reduces p.grad in this backward (DDP's sync pass): hand it the whole sum, rounded once.
+            g.copy_(master.grad)
+            master.grad = None
+        else:
+            p.grad = None
+
+    def gradient_holders(self, parameters) -> list[torch.Tensor]:
+        """`parameters` (e.g. `model.parameters()`), with each one whose gradient now lives on its fp32 master
+        replaced by that master: what gradient clipping must see (HF's Trainer clips through this)."""
+        names = {id(p): n for n, p in self._params.items()}
+        out = []
+        for p in parameters:
+            master = self._masters.get(names.get(id(p)))
+            out.append(master if p.grad is None and master is not None and master.grad is not None else p)
+        return out
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, parameters=None) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over the trained gradients wherever they live (for plain loops;
+        clipping `model.parameters()` directly would miss the gradients already moved to fp32)."""
+        params = self.model.parameters() if parameters is None else parameters
+        return torch.nn.utils.clip_grad_norm_(self.gradient_holders(params), max_norm, norm_type)
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for master in self._masters.values():
+            if master.grad is not None:
+                if set_to_none:
+                    master.grad = None
+                else:
+                    master.grad.zero_()
+        if set_to_none:
+            self._grad_buffers = None
 
     def advance(self) -> None:
         """Count one successful optimizer step; activate the next block when this one has had its K steps."""
@@ -325,7 +444,9 @@ class BlockOptimizer(torch.optim.Optimizer):
             )
         for name in self._trainable:
             self.inner.state.pop(self._target(name), None)
+            self._drop_grad_hook(name)
         self._masters.clear()
+        self._grad_buffers = None
         self._params = {n: current[n] for n in self._names}
         for p in self._params.values():
             p.requires_grad_(False)
@@ -355,9 +476,12 @@ class BlockOptimizer(torch.optim.Optimizer):
         params = [self._params[n] for n in names]
         masters = [self._masters[n] for n in names]
         self.sync_hyperparameters()
-        grads_to_masters(params, masters)
+        # Gradients still on the parameters (bf16 accumulation, or what an engine reduced) join the fp32 ones.
+        buffers = [self._grad_buffer(n) for n in names] if any(p.grad is not None for p in params) else None
+        grads_to_masters(params, masters, buffers)
         self.inner.step()
         masters_to_params(params, masters)
+        self._grad_buffers = None
         self.advance()
         return loss
 

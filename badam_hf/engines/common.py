@@ -173,10 +173,24 @@ def detach_sync(opt: BlockOptimizer) -> None:
         old[1].remove()
 
 
+class _Handles:
+    def __init__(self, handles):
+        self._handles = list(handles)
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+
 def install_sync(opt: BlockOptimizer, sync):
     """Make `sync` the optimizer's engine hook, replacing an earlier one (re-attached to a new wrapper, e.g.
-    by a second train() call), and run it once now for the block that is active."""
+    by a second train() call), and run it once now for the block that is active. A sync with a
+    `keeps_grads()` method is also registered as the optimizer's grad-keep check (see
+    `BlockOptimizer.register_grad_keep_check`)."""
     detach_sync(opt)
     sync(opt)
-    _SYNCS[opt] = (sync, opt.register_switch_hook(sync))
+    handles = [opt.register_switch_hook(sync)]
+    if callable(getattr(sync, "keeps_grads", None)):
+        handles.append(opt.register_grad_keep_check(sync.keeps_grads))
+    _SYNCS[opt] = (sync, _Handles(handles))
     return sync

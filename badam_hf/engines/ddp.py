@@ -5,7 +5,9 @@ its reducer. BAdam toggles `requires_grad` at every block switch, so a block unf
 all-reduced (ranks silently diverge), and a block frozen later leaves the reducer waiting for gradients
 that never come. `attach_ddp` fixes both: after every block (re)activation it rebuilds the DDP reducer
 in place over the parameters that are trainable now, so only the active block's gradients are bucketed
-and all-reduced (a rebuild takes about a millisecond on a small model). The rebuild follows what
+and all-reduced (a rebuild takes about a millisecond on a small model). With gradient accumulation, the
+micro-batches under `no_sync()` accumulate in fp32 on the masters; the last one hands the reducer their
+sum, rounded once to the weights' dtype (DDP all-reduces in the parameters' dtype). The rebuild follows what
 `DistributedDataParallel.__setstate__` does and therefore uses DDP internals; when they are missing (a
 torch version whose DDP changed), `attach_ddp` refuses with a clear error instead of training unsynced.
 
@@ -111,6 +113,13 @@ class DDPBlockSync:
         self.rebuilds += 1
         self.last_rebuild_ms = (time.perf_counter() - start) * 1000.0
         self.total_rebuild_ms += self.last_rebuild_ms
+
+    def keeps_grads(self) -> bool:
+        """True during a backward whose gradients DDP all-reduces (not under `no_sync()`): BAdam's fp32
+        gradient accumulation then leaves the micro-batches' fp32 sum, rounded once to the weights' dtype, on
+        the parameters for the reducer, instead of taking the gradient (micro-batches under `no_sync()` are
+        accumulated in fp32 on the masters as in one process)."""
+        return bool(self.ddp.require_backward_grad_sync)
 
     def __call__(self, opt) -> None:
         if self.check_agreement and torch.distributed.is_initialized() and world_size() > 1:

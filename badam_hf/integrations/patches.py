@@ -16,6 +16,9 @@ versions the test suite runs; pyproject allows transformers >=5,<6).
 6. `transformers.trainer.deepspeed_load_checkpoint`: the Trainer loads a DeepSpeed checkpoint right after
    `deepspeed.initialize`, before any callback runs, so BAdam's ZeRO-3 glue is attached first and the load
    sees the saved block's layout.
+7. `Accelerator.clip_grad_norm_` (the Trainer clips `model.parameters()` through it): with fp32 gradient
+   accumulation the active block's gradients live on its fp32 masters, so those are clipped (and their
+   norm logged) in place of the parameters, whose `.grad` is None.
 """
 
 from __future__ import annotations
@@ -167,6 +170,31 @@ def _attach_before_deepspeed_load() -> None:
     hf_trainer.deepspeed_load_checkpoint = deepspeed_load_checkpoint
 
 
+# --- 7: gradient clipping sees the fp32 gradients ----------------------------------------------------------
+
+
+def _clip_the_masters() -> None:
+    try:
+        from accelerate import Accelerator
+    except ImportError:  # pragma: no cover
+        return
+    original = Accelerator.clip_grad_norm_
+    if getattr(original, "_badam_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+        for accelerated in getattr(self, "_optimizers", ()):
+            opt = unwrap_optimizer(accelerated)
+            if opt is not None:
+                parameters = opt.gradient_holders(parameters)
+                break
+        return original(self, parameters, max_norm, norm_type)
+
+    clip_grad_norm_._badam_wrapped = True
+    Accelerator.clip_grad_norm_ = clip_grad_norm_
+
+
 def install() -> None:
     member = _add_enum_member(OptimizerNames, MEMBER_NAME, OPTIM_NAME)
     trainer_optimizer._OPTIMIZER_HANDLERS[member] = _badam_handler
@@ -174,3 +202,4 @@ def install() -> None:
     _wrap_create_optimizer(Trainer)
     _route_fsdp_optimizer_io()
     _attach_before_deepspeed_load()
+    _clip_the_masters()

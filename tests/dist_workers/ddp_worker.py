@@ -32,17 +32,21 @@ SCENARIOS = [
     dict(name="ga_gc", tag=2, wrap="before", ga=2, gc=False, mode="random", steps=10, find_unused=False),
     # Reentrant checkpointing (which DDP supports with find_unused_parameters=False), descending order.
     dict(name="reentrant", tag=3, wrap="after", ga=1, gc=True, mode="descending", steps=8, find_unused=False),
+    # bf16 weights, GA=4 under no_sync(): fp32 accumulation of the micro-batches, one rounding, bf16 all-reduce.
+    dict(name="bf16_ga", tag=5, wrap="after", ga=4, gc=None, mode="ascending", steps=10, find_unused=False,
+         dtype=torch.bfloat16),
     # Control without attach_ddp: DDP keeps reducing block 0 only, so the ranks drift apart from block 1 on.
     dict(name="control", tag=4, wrap="after", ga=1, gc=None, mode="ascending", steps=4, find_unused=True, attach=False),
 ]
 
 
 def build(sc):
-    return training_llama(sc["gc"])
+    return training_llama(sc["gc"]).to(sc.get("dtype", torch.float32))
 
 
-def make_opt(model, sc):
-    return BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, switch_mode=sc["mode"])
+def make_opt(model, sc, fp32_grad_accumulation=True):
+    return BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, switch_mode=sc["mode"],
+                          fp32_grad_accumulation=fp32_grad_accumulation)
 
 
 def run_ddp(sc, rank, out):
@@ -85,9 +89,16 @@ def run_ddp(sc, rank, out):
 
 def run_reference(sc, out):
     """One process, no DDP: each rank's gradients averaged by hand."""
+    low_precision = sc.get("dtype", torch.float32) != torch.float32
     model = build(sc)
-    averaged_gradient_run(model, make_opt(model, sc), sc["tag"], sc["steps"], sc["ga"])
+    opt = make_opt(model, sc, fp32_grad_accumulation=False)  # the reference accumulates by hand
+    averaged_gradient_run(model, opt, sc["tag"], sc["steps"], sc["ga"],
+                          accumulate=torch.float32 if low_precision else None)
     torch.save(params_cpu(model), os.path.join(out, f"{sc['name']}_ref.pt"))
+    if low_precision:  # what accumulating the micro-batches in bf16 would have given
+        model = build(sc)
+        averaged_gradient_run(model, make_opt(model, sc, False), sc["tag"], sc["steps"], sc["ga"])
+        torch.save(params_cpu(model), os.path.join(out, f"{sc['name']}_bf16ref.pt"))
 
 
 def run_guard(rank, out):

@@ -48,14 +48,17 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
-def averaged_gradient_run(model, opt, tag: int, steps: int, ga: int, reduce=None, world: int = 2) -> None:
+def averaged_gradient_run(model, opt, tag: int, steps: int, ga: int, reduce=None, world: int = 2,
+                          accumulate=None) -> None:
     """The single-process reference of the distributed tests: per step, each rank's (accumulated) gradients
     are computed in turn and averaged by hand, then the optimizer steps. `reduce`: the dtype gradients are
     accumulated and averaged in before being stored in the weights' dtype (FSDP2's reduce dtype); None: the
-    weights' dtype (DDP, ZeRO-3)."""
+    weights' dtype (DDP, ZeRO-3). `accumulate`: the dtype one rank's micro-batches are summed in before that
+    sum is rounded to the weights' dtype and averaged there (BAdam's fp32 accumulation under DDP)."""
     from badam_hf.engines.common import set_engine_sync
 
     set_engine_sync(opt, "single-process reference")  # this process is in a 2-rank group: bypass the guard
+    opt.register_grad_keep_check(lambda: True)  # the gradients stay on the parameters, to be summed here by hand
     for step in range(steps):
         grads = [{} for _ in range(world)]
         for rank in range(world):
@@ -64,9 +67,12 @@ def averaged_gradient_run(model, opt, tag: int, steps: int, ga: int, reduce=None
                 (model(input_ids=ids, labels=ids).loss / ga).backward()
                 for n, p in model.named_parameters():
                     if p.grad is not None:
-                        g = p.grad.to(reduce or p.dtype)
+                        g = p.grad.to(accumulate or reduce or p.dtype)
                         grads[rank][n] = grads[rank][n] + g if n in grads[rank] else g
                 model.zero_grad(set_to_none=True)
+            if accumulate is not None:
+                params = dict(model.named_parameters())
+                grads[rank] = {n: g.to(params[n].dtype) for n, g in grads[rank].items()}
         for n, p in model.named_parameters():
             if n in grads[0]:
                 total = grads[0][n] / world
