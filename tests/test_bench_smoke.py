@@ -19,14 +19,14 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 def test_bench_tiny(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--shape", "tiny", "--steps", "2", "--methods", "badam,adamw,lora",
+        [sys.executable, str(BENCH), "--shape", "tiny", "--steps", "2", "--methods", "badam,adamw,lora,badam_k100",
          "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     rows = results["methods"]
-    assert set(rows) == {"badam", "adamw", "lora"}
+    assert set(rows) == {"badam", "adamw", "lora", "badam_k100"}
     for name, r in rows.items():
         assert r["steps"] == 2
         for key in ("forward_s", "backward_s", "optimizer_s", "step_s", "tokens_per_s"):
@@ -56,9 +56,19 @@ def test_bench_tiny(tmp_path):
     # LoRA r=8 on q_proj and v_proj of 4 layers: A (r x in) + B (out x r) per adapted matrix.
     assert lora["updated_numel"] == 4 * (8 * hidden + hidden * 8 + 8 * hidden + kv * head_dim * 8)
 
+    # The live-tensor accounting: every phase measured; BAdam's live peak is the weights, 16 bytes per active
+    # parameter at most and the activations; at K=1 its masters are made at the step (none in forward/backward).
+    for name in ("badam", "badam_k100"):
+        live = rows[name]["live"]
+        assert {"forward", "backward", "inner step"} <= set(live["phases_above_weights"])
+        assert live["weights_bytes"] == badam["weights"]
+        assert live["peak_bytes"] <= live["weights_bytes"] + 16 * n + live["activations_bytes"]
+    k1, k100 = rows["badam"]["live"]["phases_above_weights"], rows["badam_k100"]["live"]["phases_above_weights"]
+    assert k1["forward"] < k100["forward"]  # K=100 carries the block's master and moments through its forward
+
     assert "ratios_to_adamw" in rows["badam"]
     md = (out / "results.md").read_text()
-    assert "| BAdam (badam_hf) |" in md and "D(D+1)/(2D^2)" in md
+    assert "| BAdam (badam_hf) |" in md and "D(D+1)/(2D^2)" in md and "Live tensor bytes by phase" in md
     assert (out / "memory_time.png").stat().st_size > 0
 
 

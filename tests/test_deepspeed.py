@@ -131,7 +131,8 @@ def test_zero3_bf16_masters_belong_to_deepspeed(ds_out, tiny_llama):
     assert all(torch.equal(final[n], init[n]) for n in set(init) - blocks)
     for d in data:
         assert d["dtypes"] == ["torch.bfloat16"]
-        assert d["masters_before_attach"] > 0 and d["masters_after"] == 0
+        # BlockOptimizer makes masters at a block's first step; under ZeRO-3 it never makes one (8 steps).
+        assert d["masters_before_attach"] == 0 and d["masters_after"] == 0
         assert d["ds_master_dtypes"] == ["torch.float32"]
         assert d["state_on_flats"] == [True] * 4  # AdamW state lives on DeepSpeed's partitions only
         assert d["inner_state_after_switch"] == 0  # and is dropped at a switch

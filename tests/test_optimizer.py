@@ -160,10 +160,11 @@ def test_switch_frees_previous_block_state_bf16(tiny_llama):
     names0 = block_param_names(model, "model.layers.0.")
     names1 = block_param_names(model, "model.layers.1.")
 
-    # Block 0 trains; masters exist for its parameters only, and are fp32 copies.
-    assert set(opt.masters) == set(names0)
+    # Block 0 trains; masters exist for its parameters only (from its first step on), and are fp32 copies.
+    assert set(opt.masters) == set()
     train_step(model, opt, batch(0))
     assert opt.active_block == 0
+    assert set(opt.masters) == set(names0)
     master_ref = weakref.ref(opt.masters[names0[0]])
     moment_ref = weakref.ref(opt.inner.state[opt.masters[names0[0]]]["exp_avg"])
     assert master_ref() is not None and moment_ref() is not None
@@ -173,10 +174,10 @@ def test_switch_frees_previous_block_state_bf16(tiny_llama):
     gc.collect()
     assert master_ref() is None, "the previous block's fp32 master is still alive after the switch"
     assert moment_ref() is None, "the previous block's Adam moment is still alive after the switch"
-    assert set(opt.masters) == set(names1)
-    assert len(opt.inner.state) == 0  # nothing for block 1 until it steps
+    assert set(opt.masters) == set() and len(opt.inner.state) == 0  # nothing for block 1 until it steps
 
     train_step(model, opt, batch(2))
+    assert set(opt.masters) == set(names1)
     masters = [opt.masters[n] for n in names1]
     assert {id(k) for k in opt.inner.state} == {id(m) for m in masters}
     assert all(m.dtype == torch.float32 for m in masters)
@@ -241,12 +242,17 @@ def test_decay_groups_follow_hf_rule(arch, dtype, tiny_model):
         assert decay and no_decay
         assert [id(p) for p in opt.param_groups[0]["params"]] == [id(params[n]) for n in decay]
         assert [id(p) for p in opt.param_groups[1]["params"]] == [id(params[n]) for n in no_decay]
-        targets = [opt.masters[n] if dtype != torch.float32 else params[n] for n in decay]
-        assert [id(p) for p in opt.inner.param_groups[0]["params"]] == [id(t_) for t_ in targets]
         assert len(opt.inner.param_groups[1]["params"]) == len(no_decay)
         assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
         fake_grads(opt, t)
+        # The inner optimizer updates the fp32 masters (bf16; made at the block's first step) or the weights.
+        seen = []
+        h = opt.inner.register_step_pre_hook(lambda o, a, k: seen.append((
+            [id(p) for p in o.param_groups[0]["params"]],
+            [id(opt.masters[n] if dtype != torch.float32 else params[n]) for n in decay])))
         opt.step()
+        h.remove()
+        assert len(seen) == 1 and seen[0][0] == seen[0][1]
         assert opt.inner.param_groups[0]["weight_decay"] == 0.1
         assert opt.inner.param_groups[1]["weight_decay"] == 0.0
         opt.zero_grad()
@@ -561,17 +567,21 @@ def test_always_active_head_keeps_master_and_moments_across_switches(tiny_llama)
     opt = BlockOptimizer(model, lr=1e-2, switch_every=2, switch_mode="ascending")
     assert opt.partition.always_active == ["score.weight"]
     head = dict(model.named_parameters())["score.weight"]
-    master = opt.masters["score.weight"]
+    master = None
     labels = torch.tensor([0, 2])
     for t in range(5):  # two switches
         block = opt.active_block
         assert head.requires_grad
-        assert set(opt.masters) == set(block_param_names(model, f"model.layers.{block}.")) | {"score.weight"}
         before = head.detach().clone()
         ids = batch(t) % (VOCAB - 1) + 1  # no pad token: every sequence is full length
         model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
+        master = master if master is not None else opt.masters["score.weight"]  # made at the first step
+        # The head's master lives on; the block's masters are made at the block's first step.
+        expected = {"score.weight"} | (set(block_param_names(model, f"model.layers.{block}.")) if block ==
+                                       opt.active_block else set())
+        assert set(opt.masters) == expected
         assert not torch.equal(head, before)
         # Same master object and one Adam state whose step count runs on over the switches.
         assert opt.masters["score.weight"] is master

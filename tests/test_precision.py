@@ -42,10 +42,8 @@ def test_bf16_masters_match_fp32_adamw_reference(tiny_llama):
     for block in range(2):  # two blocks: the second starts from fresh masters of the updated weights
         names = active_names(opt)
         assert opt.active_block == block
-        refs = {n: opt.masters[n].clone() for n in names}
-        for n in names:
-            assert opt.masters[n].dtype == torch.float32
-            assert torch.equal(refs[n], params[n].float())  # a fresh master is the weight, upcast
+        # A block's master is made at its first step, as the exact upcast of the weights.
+        refs = {n: params[n].detach().float() for n in names}
         ref_opt = torch.optim.AdamW(
             [
                 {"params": [refs[n] for n in names if n in decay], "weight_decay": wd},
@@ -53,20 +51,22 @@ def test_bf16_masters_match_fp32_adamw_reference(tiny_llama):
             ],
             lr=lr, fused=True,
         )
+        masters = {}
+        grab = opt.inner.register_step_pre_hook(lambda o, a, k: masters.update({n: opt.masters[n] for n in names}))
         for _ in range(K):
             ids = batch(step)
             model(input_ids=ids, labels=ids).loss.backward()
             for n in names:
                 assert params[n].grad is None
-                assert opt.masters[n].grad.dtype == torch.float32
-                refs[n].grad = opt.masters[n].grad.clone()
+                assert opt.master_grads[n].dtype == torch.float32
+                refs[n].grad = opt.master_grads[n].clone()
             before = snapshot(model)
-            masters = [opt.masters[n] for n in names]  # the step may switch blocks and free them
             opt.step()
             opt.zero_grad()
             ref_opt.step()
-            for n, m in zip(names, masters):
-                assert torch.equal(m, refs[n]), (step, n)
+            for n in names:
+                assert masters[n].dtype == torch.float32
+                assert torch.equal(masters[n], refs[n]), (step, n)
                 assert params[n].dtype == torch.bfloat16
                 assert torch.equal(params[n], refs[n].to(torch.bfloat16)), (step, n)
             for n, p in params.items():
@@ -74,8 +74,9 @@ def test_bf16_masters_match_fp32_adamw_reference(tiny_llama):
                 if n not in names:
                     assert torch.equal(p, before[n]), (step, n)
             # Masters keep sub-bf16 precision: some differ from their weights rounded to bf16.
-            assert any(not torch.equal(m, params[n].float()) for n, m in zip(names, masters)), step
+            assert any(not torch.equal(masters[n], params[n].float()) for n in names), step
             step += 1
+        grab.remove()
 
 
 def test_bf16_loss_falls_when_overfitting(tiny_llama):

@@ -159,6 +159,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._grad_keep_checks: OrderedDict[int, Callable[[], bool]] = OrderedDict()
         self._grad_hooks: dict[str, RemovableHandle] = {}
         self._grad_buffers: dict[str, torch.Tensor] | None = None  # name -> fp32 gradient view, one buffer
+        self._pending: set[str] = set()  # names whose fp32 gradient sits in the buffer, not yet on a master
         self._driver = None
         self.global_step = 0
         self.active_block: int = self.schedule.block_at(0)
@@ -219,8 +220,16 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     @property
     def masters(self) -> MappingProxyType:
-        """Name -> fp32 master of an active low-precision (or sharded) parameter (read-only view)."""
+        """Name -> fp32 master of an active low-precision (or sharded) parameter (read-only view). Made at the
+        block's first step (before it, a master would only repeat the weights: it is their exact upcast)."""
         return MappingProxyType(self._masters)
+
+    @property
+    def master_grads(self) -> dict[str, torch.Tensor]:
+        """Name -> the fp32 gradient accumulated so far for an active low-precision parameter."""
+        out = {n: self._grad_buffers[n] for n in self._pending} if self._grad_buffers is not None else {}
+        out.update({n: m.grad for n, m in self._masters.items() if m.grad is not None})
+        return out
 
     @property
     def switch_hooks(self) -> list[Callable]:
@@ -244,11 +253,11 @@ class BlockOptimizer(torch.optim.Optimizer):
             for v in st.values()
             if torch.is_tensor(v)
         )
-        grads = sum(
-            local_shard(t.grad).numel() * t.grad.element_size()
-            for t in list(self._params.values()) + list(self._masters.values())
-            if t.grad is not None
-        )
+        # fp32 gradients live in one buffer (see _grad_buffer); what is still on the parameters comes on top.
+        grads = sum(local_shard(p.grad).numel() * p.grad.element_size() for p in self._params.values()
+                    if p.grad is not None)
+        if self._grad_buffers is not None:
+            grads += sum(v.numel() * v.element_size() for v in self._grad_buffers.values())
         return {"masters": masters, "optimizer_state": state, "grads": grads}
 
     # --- extension points -----------------------------------------------------------------------------
@@ -282,6 +291,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         for name in list(self._grad_hooks):
             self._drop_grad_hook(name)
         self._grad_buffers = None
+        self._pending.clear()
 
     def sync_hyperparameters(self) -> None:
         """Copy lr, betas, ... from the outer groups (which LR schedulers change) into the inner optimizer's."""
@@ -310,36 +320,56 @@ class BlockOptimizer(torch.optim.Optimizer):
                 p.requires_grad_(False)
                 p.grad = None
         self._grad_buffers = None
-        # The block's masters: views of one fp32 buffer (one allocation, freed whole at the next switch).
-        fresh_names = [
-            n for n in new if self._driver is None and n not in self._masters and needs_master(self._params[n])
-        ]
-        for name, master in zip(fresh_names, make_flat_masters([self._params[n] for n in fresh_names])):
-            self._masters[name] = master
+        self._pending.clear()
+        self._trainable = new
         for name in new:
             self._params[name].requires_grad_(True)
             if name not in self._grad_hooks and self._hooks_grads(name):
                 self._grad_hooks[name] = self._params[name].register_post_accumulate_grad_hook(
                     functools.partial(self._take_grad, name)
                 )
-        # Keep the two group dicts (and their list objects): LR schedulers hold on to them.
-        for gi, decays in ((0, True), (1, False)):
-            names = [n for n in new if (n in self._decay) == decays]
-            self.param_groups[gi]["params"][:] = [self._params[n] for n in names]
-            self.inner.param_groups[gi]["params"][:] = [self._target(n) for n in names]
-        self._trainable = new
+        self._set_groups()
         self.active_block = block
         self.truncation.update(new)
         for hook in list(self._switch_hooks.values()):
             hook(self)
+
+    def _set_groups(self) -> None:
+        # Keep the two group dicts (and their list objects): LR schedulers hold on to them.
+        for gi, decays in ((0, True), (1, False)):
+            names = [n for n in self._trainable if (n in self._decay) == decays]
+            self.param_groups[gi]["params"][:] = [self._params[n] for n in names]
+            self.inner.param_groups[gi]["params"][:] = [self._target(n) for n in names]
+
+    def _needs_master(self, name: str) -> bool:
+        return self._driver is None and needs_master(self._params[name])
+
+    def _materialize_masters(self) -> None:
+        """Make the fp32 masters that the active parameters lack, as views of one buffer (one allocation,
+        freed whole at the next switch). Deferred to the block's first step: until then a master would only
+        repeat the weights, so the forward and backward of a block's first step (every step at K=1) run
+        without one."""
+        missing = [n for n in self._trainable if n not in self._masters and self._needs_master(n)]
+        if missing:
+            for name, master in zip(missing, make_flat_masters([self._params[n] for n in missing])):
+                self._masters[name] = master
+            self._set_groups()
+
+    def _attach_master_grads(self) -> None:
+        """Masters made, and the fp32 gradients accumulated so far hung on them (what the step and clipping use)."""
+        self._materialize_masters()
+        for name in self._pending:
+            master = self._masters[name]
+            if master.grad is None:
+                master.grad = self._grad_buffers[name]
+        self._pending.clear()
 
     # --- gradients straight into fp32 ---------------------------------------------------------------
 
     def _hooks_grads(self, name: str) -> bool:
         # Sharded parameters (FSDP2) get their reduced gradient assigned by the engine, not accumulated by
         # autograd; a driving engine (ZeRO-3) owns the gradients. Both keep their own path.
-        p = self._params[name]
-        return self.config.fp32_grad_accumulation and name in self._masters and not is_sharded(p)
+        return self.config.fp32_grad_accumulation and self._needs_master(name) and not is_sharded(self._params[name])
 
     def _drop_grad_hook(self, name: str) -> None:
         handle = self._grad_hooks.pop(name, None)
@@ -350,34 +380,40 @@ class BlockOptimizer(torch.optim.Optimizer):
         """The fp32 gradient view of `name`'s master: all of them live in one buffer, made at the first
         gradient after a step and freed at the next step."""
         if self._grad_buffers is None:
-            names = list(self._masters)
-            self._grad_buffers = dict(zip(names, flat_fp32_like([self._masters[n] for n in names])))
+            names = [n for n in self._trainable if self._needs_master(n)]
+            self._grad_buffers = dict(zip(names, flat_fp32_like([self._params[n] for n in names])))
         return self._grad_buffers[name]
 
     @torch.no_grad()
     def _take_grad(self, name: str, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: add the gradient autograd just left on `p` to its fp32 master gradient."""
-        master = self._masters.get(name)
-        if p.grad is None or master is None:
+        """Post-accumulate-grad hook: add the gradient autograd just left on `p` to its fp32 gradient."""
+        if p.grad is None:
             return
+        master = self._masters.get(name)
+        acc = master.grad if master is not None and master.grad is not None else (
+            self._grad_buffers[name] if name in self._pending else None)
         keep = any(check() for check in list(self._grad_keep_checks.values()))
-        if keep and master.grad is None:
+        if keep and acc is None:
             return  # nothing accumulated in fp32: the engine reduces the gradient as autograd made it
         g = local_shard(p.grad)
-        if master.grad is None:
-            master.grad = self._grad_buffer(name).copy_(g)
+        if acc is None:
+            acc = self._grad_buffer(name).copy_(g)
+            self._pending.add(name)
         else:
-            master.grad.add_(g)
+            acc.add_(g)
         if keep:
             # The engine reduces p.grad in this backward (DDP's sync pass): hand it the whole sum, rounded once.
-            g.copy_(master.grad)
-            master.grad = None
+            g.copy_(acc)
+            self._pending.discard(name)
+            if master is not None:
+                master.grad = None
         else:
             p.grad = None
 
     def gradient_holders(self, parameters) -> list[torch.Tensor]:
         """`parameters` (e.g. `model.parameters()`), with each one whose gradient now lives on its fp32 master
         replaced by that master: what gradient clipping must see (HF's Trainer clips through this)."""
+        self._attach_master_grads()
         names = {id(p): n for n, p in self._params.items()}
         out = []
         for p in parameters:
@@ -402,6 +438,10 @@ class BlockOptimizer(torch.optim.Optimizer):
                     master.grad.zero_()
         if set_to_none:
             self._grad_buffers = None
+            self._pending.clear()
+        elif self._grad_buffers is not None:
+            for view in self._grad_buffers.values():
+                view.zero_()
 
     def advance(self) -> None:
         """Count one successful optimizer step; activate the next block when this one has had its K steps."""
@@ -447,6 +487,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             self._drop_grad_hook(name)
         self._masters.clear()
         self._grad_buffers = None
+        self._pending.clear()
         self._params = {n: current[n] for n in self._names}
         for p in self._params.values():
             p.requires_grad_(False)
@@ -472,6 +513,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._attach_master_grads()
         names = [n for n in self._trainable if n in self._masters]
         params = [self._params[n] for n in names]
         masters = [self._masters[n] for n in names]
@@ -482,6 +524,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.inner.step()
         masters_to_params(params, masters)
         self._grad_buffers = None
+        self._pending.clear()
         self.advance()
         return loss
 
@@ -602,6 +645,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.seek(step)
 
         saved_state = state_dict["state"]
+        if any("master" in entry for entry in saved_state.values()):
+            self._materialize_masters()
         with torch.no_grad():
             for i, entry in saved_state.items():
                 name = self._names[int(i)]

@@ -3,7 +3,10 @@
 Byte conventions follow the paper's Table 2 (mixed precision): weights in bf16 (2 bytes per
 parameter); a trained parameter carries an fp32 gradient (4) and fp32 master + two Adam moments (12).
 So Adam needs 2 + 4 + 12 = 18 bytes per parameter, and BAdam 2 per parameter plus 16 per parameter of
-its largest block. Activations are a rough estimate (see `activation_bytes`).
+its largest block. That is what `BlockOptimizer` holds: with `fp32_grad_accumulation` (the default) the
+active block's gradients go straight into one fp32 buffer (4 bytes; no bf16 gradient of 2 more bytes is
+kept), and its master is made at the block's first step, after that step's backward. Activations are a
+rough estimate (see `activation_bytes`).
 """
 
 from __future__ import annotations
@@ -158,4 +161,7 @@ def format_table(info: dict, rows: list[Estimate]) -> str:
             f"| {r.method} | {r.weights / GB:.1f} GB | {r.gradients / GB:.1f} GB | {r.optimizer_states / GB:.1f} GB "
             f"| {r.activations / GB:.1f} GB | {r.total / GB:.1f} GB |"
         )
+    bf16_grads = 2 * info["largest_block"] / info["gpus"]
+    lines += ["", f"BAdam's gradients are fp32 straight from backward (fp32_grad_accumulation, the default); with "
+              f"fp32_grad_accumulation=false the bf16 gradient is also kept until the step: +{bf16_grads / GB:.2f} GB."]
     return "\n".join(lines)

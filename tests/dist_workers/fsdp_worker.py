@@ -71,6 +71,10 @@ def full_params(model) -> dict[str, torch.Tensor]:
 
 
 def train_steps(model, opt, sc, rank, steps, records=None):
+    # State bytes as the inner optimizer finishes (masters exist from a block's first step to its switch).
+    held = {}
+    handle = opt.inner.register_step_post_hook(
+        lambda *a: held.update(bytes=opt.memory_bytes()["masters"] + opt.memory_bytes()["optimizer_state"]))
     for step in steps:
         before = full_params(model) if records is not None else None
         block = opt.active_block
@@ -86,8 +90,9 @@ def train_steps(model, opt, sc, rank, steps, records=None):
             records.append({
                 "block": block,
                 "changed": [n for n in after if not torch.equal(after[n], before[n])],
-                "state_bytes": opt.memory_bytes()["masters"] + opt.memory_bytes()["optimizer_state"],
+                "state_bytes": held["bytes"],
             })
+    handle.remove()
 
 
 def run_fsdp(sc, rank, out):
