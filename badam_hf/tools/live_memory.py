@@ -31,7 +31,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-# Snapshot the live set at a new peak only when it is this much above the last snapshot (keeps it cheap).
+# Snapshot the live set at a new peak only when it is this much above the last snapshot (keeps it cheap):
+# 1 MiB, or 2% of what is alive when that is less (small models).
 SNAPSHOT_STEP_BYTES = 1 << 20
 
 
@@ -90,7 +91,7 @@ class LiveTensorBytes(TorchDispatchMode):
         if self.current > self.peak:
             self.peak = self.current
             self.peak_phase = self._phase
-            if self.current >= self._snapshot_at + SNAPSHOT_STEP_BYTES:
+            if self.current >= self._snapshot_at + min(SNAPSHOT_STEP_BYTES, self.current // 50):
                 self._snapshot()
 
     def _snapshot(self) -> None:
