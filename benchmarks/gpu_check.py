@@ -35,23 +35,12 @@ SHAPES = {
 
 
 def build(shape: dict, device, seed: int = 0):
+    """The bench's random-init Llama (bf16, built on the device), in train mode with gradient checkpointing."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=max(2048, shape["seq"]),
-        tie_word_embeddings=False, use_cache=False,
-    )
-    torch.manual_seed(seed)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: no fp32 staging copy of 8B weights
-    try:
-        with torch.device(device):
-            model = LlamaForCausalLM(cfg)
-    finally:
-        torch.set_default_dtype(prev)
+    from bench import build_model  # benchmarks/bench.py, next to this script
+
+    model = build_model(shape, torch.bfloat16, seed, device)
     model.train()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

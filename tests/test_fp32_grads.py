@@ -1,4 +1,6 @@
-"""Gradients straight into fp32: for bf16 weights each active gradient moves to its fp32 master as autograd
+"""Masters held split and gradients straight into fp32.
+
+Gradients straight into fp32: for bf16 weights each active gradient moves to its fp32 master as autograd
 produces it (a post-accumulate-grad hook), accumulates there across micro-batches, and gradient clipping
 (plain loop and HF Trainer) sees those fp32 gradients. `fp32_grad_accumulation=false` switches back."""
 
@@ -147,3 +149,50 @@ def test_trainer_clips_and_logs_the_fp32_gradients(tmp_path, tiny_llama):
         dfree = (free[n].float() - init[n].float()).norm()
         assert abs(d32 - d16) <= 0.1 * d16 + 1e-3, n
         assert dfree > 3 * d32, n  # clipping really happened in the fp32 run
+
+
+# --- split masters: fp32 masters kept as their 16 low bits between steps ------------------------------------
+
+
+def test_split_and_join_are_exact_for_every_float():
+    from badam_hf.core.masters import join_master, split_master
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200_000, generator=g) * torch.logspace(-30, 30, 200_000)
+    ties = (torch.randint(0, 2**15, (500,), generator=g, dtype=torch.int32) * 65536 + 0x8000).view(torch.float32)
+    x = torch.cat([x, ties, -ties, torch.tensor([0.0, -0.0, 3.3e38, -3.3e38, 1e-42, float("inf")])])
+    w, low = torch.empty_like(x, dtype=torch.bfloat16), torch.empty_like(x, dtype=torch.int16)
+    split_master(x, w, low)
+    assert torch.equal(join_master(w, low, torch.empty_like(x)).view(torch.int32), x.view(torch.int32))
+    rne = x.to(torch.bfloat16)
+    differ = w.view(torch.int16) != rne.view(torch.int16)
+    is_tie = torch.bitwise_and(x.view(torch.int32), 0xFFFF) == 0x8000
+    assert differ.any() and not (differ & ~is_tie).any()  # only exact ties round differently from torch's
+    finite = torch.isfinite(x) & torch.isfinite(rne.float())
+    assert ((w.float() - x).abs() <= (rne.float() - x).abs())[finite].all()  # and never farther from the master
+
+
+def test_split_masters_hold_two_bytes_between_steps_and_rebuild_exactly(tiny_llama):
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=3, switch_mode="ascending")
+    names = active_names(opt)
+    numel = sum(p.numel() for n, p in model.named_parameters() if n in names)
+    after_step = {}
+    during = []
+    opt.inner.register_step_post_hook(lambda o, a, k: (
+        during.append(opt.memory_bytes()["masters"]),
+        after_step.update({n: opt.masters[n].clone() for n in names})))
+    for t in range(2):
+        backward(model, t)
+        opt.step()
+        opt.zero_grad()
+        assert opt.memory_bytes()["masters"] == 2 * numel  # low halves only, until the next step
+        # The next step (and anything reading opt.masters) gets the masters back bit for bit.
+        for n in names:
+            assert torch.equal(opt.masters[n].view(torch.int32), after_step[n].view(torch.int32)), n
+        assert opt.memory_bytes()["masters"] == 4 * numel  # joined by the read
+    assert during == [4 * numel, 4 * numel]
+    whole = BlockOptimizer(tiny_llama(dtype=torch.bfloat16), lr=1e-2, switch_every=3, split_masters=False)
+    backward(whole.model, 0)
+    whole.step()
+    assert whole.memory_bytes()["masters"] == 4 * numel

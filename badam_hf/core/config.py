@@ -131,6 +131,11 @@ class BAdamConfig:
             alive. `false` keeps the bf16 gradient on the parameter until the step (the authors' package
             and LlamaFactory do that). Engines that own the gradients (FSDP2 shards, DeepSpeed ZeRO-3)
             keep their own path whatever this says.
+        split_masters: between two steps, keep each fp32 master of a bf16 weight as the 16 low bits that the
+            weight lacks (2 bytes instead of 4 per active element; rebuilt bit for bit before the next step).
+            The weight is then the master rounded to nearest with ties toward zero (torch breaks ties to
+            even: they differ when the dropped half is exactly 0x8000, about once in 65536 roundings, and
+            are both half an ulp away). `false` keeps the fp32 masters whole.
     """
 
     partition: PartitionConfig = field(default_factory=PartitionConfig)
@@ -138,9 +143,10 @@ class BAdamConfig:
     inner_optimizer: str | type = "adamw"
     truncate_backward: bool = True
     fp32_grad_accumulation: bool = True
+    split_masters: bool = True
 
     def __post_init__(self):
-        for name in ("truncate_backward", "fp32_grad_accumulation"):
+        for name in ("truncate_backward", "fp32_grad_accumulation", "split_masters"):
             if not isinstance(getattr(self, name), bool):
                 raise BAdamConfigError(f"{name}={getattr(self, name)!r} is not valid; it must be true or false.")
         if isinstance(self.partition, dict):
@@ -165,6 +171,7 @@ class BAdamConfig:
         out["inner_optimizer"] = (None, str)
         out["truncate_backward"] = (None, bool)
         out["fp32_grad_accumulation"] = (None, bool)
+        out["split_masters"] = (None, bool)
         return out
 
     @classmethod

@@ -32,11 +32,11 @@ def make_master(param: torch.Tensor) -> torch.Tensor:
     return local_shard(param.detach()).to(torch.float32, copy=True)
 
 
-def flat_fp32_like(tensors: list[torch.Tensor], copy: bool = False) -> list[torch.Tensor]:
+def flat_fp32_like(tensors: list[torch.Tensor], copy: bool = False, dtype=torch.float32) -> list[torch.Tensor]:
     """fp32 tensors shaped like `tensors` (their local shards), as views of one contiguous buffer per device.
     One allocation per block instead of one per tensor: a switch frees it whole (nothing left behind for
     the allocator to fragment), and its size is exactly 4 bytes x the block's (local) elements. `copy`
-    fills each view with its tensor's values."""
+    fills each view with its tensor's values; `dtype` makes the buffer of another dtype."""
     locals_ = [local_shard(t.detach()) for t in tensors]
     out: list[torch.Tensor | None] = [None] * len(locals_)
     by_device: dict[torch.device, list[int]] = {}
@@ -44,7 +44,7 @@ def flat_fp32_like(tensors: list[torch.Tensor], copy: bool = False) -> list[torc
         by_device.setdefault(t.device, []).append(i)
     with torch.no_grad():
         for device, idx in by_device.items():
-            flat = torch.empty(sum(locals_[i].numel() for i in idx), dtype=torch.float32, device=device)
+            flat = torch.empty(sum(locals_[i].numel() for i in idx), dtype=dtype, device=device)
             offset = 0
             for i in idx:
                 n = locals_[i].numel()
@@ -85,3 +85,83 @@ def masters_to_params(params: list[torch.Tensor], masters: list[torch.Tensor]) -
     for p, m in zip(params, masters):
         local_shard(p).copy_(m)
         m.grad = None
+
+
+# --- fp32 masters held as bf16 weights + 16 low bits ---------------------------------------------------
+# Between two steps a bf16 weight already holds the top 16 bits of its fp32 master; only the low 16 bits need
+# keeping (2 bytes instead of 4). The weight is the master rounded to nearest, ties toward zero in magnitude
+# (torch's `.to(bfloat16)` breaks ties to even; the two differ only when the low half is exactly 0x8000, and
+# both are then exactly half an ulp away). With that rule the signed residual master - weight lies in
+# (-0x8000, 0x8000] (in units of the master's last bit), 65536 values: one int16.
+
+
+@torch.no_grad()
+def split_master(master: torch.Tensor, weight: torch.Tensor, low: torch.Tensor) -> None:
+    """Write the rounded master into `weight` (bf16) and its low 16 bits into `low` (int16), in place."""
+    bits = master.view(torch.int32)
+    trunc = torch.bitwise_right_shift(bits, 16)
+    frac = torch.bitwise_and(bits, 0xFFFF)
+    up = frac > 0x8000
+    weight.view(torch.int16).copy_(trunc + up)  # int32 -> int16 keeps the low 16 bits: the bf16 pattern
+    low.copy_(frac - 0x10000 * up - 1)  # the residual minus one, in [-0x8000, 0x7FFF]
+
+
+@torch.no_grad()
+def join_master(weight: torch.Tensor, low: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """The fp32 master that `split_master` split into `weight` and `low`, written into `out`."""
+    bits = torch.bitwise_left_shift(weight.view(torch.int16).to(torch.int32), 16) + low.to(torch.int32) + 1
+    return out.copy_(bits.view(torch.float32))
+
+
+class MasterBuffer:
+    """The fp32 masters of some parameters (a block, or the always-active ones) as views of one buffer per
+    device. `split()` (after a step) writes the rounded masters into bf16 weights, keeps only their low 16
+    bits and frees the fp32 buffer; `join()` (before the next step) rebuilds the masters bit for bit. The
+    master tensors stay the same objects (the inner optimizer's state is keyed by them); while split they
+    hold no elements, so a stale reference reads as empty instead of as freed memory."""
+
+    def __init__(self, names: list[str], params: list[torch.Tensor]):
+        self.names, self.params = list(names), list(params)
+        self.masters = make_flat_masters(self.params)
+        self._shapes = [m.shape for m in self.masters]
+        self.lows: list[torch.Tensor] | None = None
+
+    @property
+    def can_split(self) -> bool:
+        return all(p.dtype == torch.bfloat16 for p in self.params)
+
+    @property
+    def is_split(self) -> bool:
+        return self.lows is not None
+
+    def nbytes(self) -> int:
+        if self.lows is not None:
+            return sum(t.numel() * t.element_size() for t in self.lows)
+        return sum(m.numel() * m.element_size() for m in self.masters)
+
+    @torch.no_grad()
+    def split(self) -> None:
+        if self.is_split:
+            return
+        self.lows = flat_fp32_like(self.params, dtype=torch.int16)
+        for m, p, low in zip(self.masters, self.params, self.lows):
+            split_master(m, local_shard(p.detach()), low)
+        for m in self.masters:
+            m.data = torch.empty(0, dtype=torch.float32, device=m.device)  # the buffer goes with the last view
+
+    @torch.no_grad()
+    def join(self) -> None:
+        if not self.is_split:
+            return
+        for m, view, p, low in zip(self.masters, flat_fp32_like(self.params), self.params, self.lows):
+            m.data = view
+            join_master(local_shard(p.detach()), low, m)
+        self.lows = None
+
+    @torch.no_grad()
+    def value(self, i: int) -> torch.Tensor:
+        """Master i as a tensor with its values (a rebuilt copy while split, without joining the buffer)."""
+        if not self.is_split:
+            return self.masters[i]
+        return join_master(local_shard(self.params[i].detach()), self.lows[i],
+                           torch.empty(self._shapes[i], dtype=torch.float32, device=self.lows[i].device))

@@ -26,11 +26,11 @@ from .backward_truncation import BackwardTruncation
 from .config import BAdamConfig
 from .errors import BAdamConfigError, CheckpointMismatchError
 from .masters import (
+    MasterBuffer,
     flat_fp32_like,
     grads_to_masters,
     is_sharded,
     local_shard,
-    make_flat_masters,
     masters_to_params,
     needs_master,
 )
@@ -155,6 +155,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         decay = hf_decay_parameter_names(model) if decay_parameter_names is None else set(decay_parameter_names)
         self._decay = decay
         self._masters: dict[str, torch.Tensor] = {}
+        self._master_buffers: list[MasterBuffer] = []  # who owns the masters' memory (one per block / side)
         self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()
         self._grad_keep_checks: OrderedDict[int, Callable[[], bool]] = OrderedDict()
         self._grad_hooks: dict[str, RemovableHandle] = {}
@@ -221,7 +222,10 @@ class BlockOptimizer(torch.optim.Optimizer):
     @property
     def masters(self) -> MappingProxyType:
         """Name -> fp32 master of an active low-precision (or sharded) parameter (read-only view). Made at the
-        block's first step (before it, a master would only repeat the weights: it is their exact upcast)."""
+        block's first step (before it, a master would only repeat the weights: it is their exact upcast).
+        Reading this between steps rebuilds masters held split (`split_masters`) until the next step."""
+        for buf in self._master_buffers:
+            buf.join()
         return MappingProxyType(self._masters)
 
     @property
@@ -246,7 +250,7 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes held for the active block: fp32 masters, inner-optimizer state, and grads."""
-        masters = sum(m.numel() * m.element_size() for m in self._masters.values())
+        masters = sum(buf.nbytes() for buf in self._master_buffers)
         state = sum(
             v.numel() * v.element_size()
             for st in self.inner.state.values()
@@ -288,6 +292,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         """Drop the inner optimizer's state and the fp32 masters (an engine rebuilding its own layout)."""
         self.inner.state.clear()
         self._masters.clear()
+        self._master_buffers.clear()
         for name in list(self._grad_hooks):
             self._drop_grad_hook(name)
         self._grad_buffers = None
@@ -321,6 +326,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 p.grad = None
         self._grad_buffers = None
         self._pending.clear()
+        self._master_buffers = [b for b in self._master_buffers if all(n in self._masters for n in b.names)]
         self._trainable = new
         for name in new:
             self._params[name].requires_grad_(True)
@@ -351,9 +357,16 @@ class BlockOptimizer(torch.optim.Optimizer):
         without one."""
         missing = [n for n in self._trainable if n not in self._masters and self._needs_master(n)]
         if missing:
-            for name, master in zip(missing, make_flat_masters([self._params[n] for n in missing])):
-                self._masters[name] = master
+            # The always-active parameters' masters outlive the block's: a buffer of their own.
+            always = set(self.partition.always_active)
+            for group in ([n for n in missing if n in always], [n for n in missing if n not in always]):
+                if group:
+                    buf = MasterBuffer(group, [self._params[n] for n in group])
+                    self._master_buffers.append(buf)
+                    self._masters.update(zip(group, buf.masters))
             self._set_groups()
+        for buf in self._master_buffers:
+            buf.join()
 
     def _attach_master_grads(self) -> None:
         """Masters made, and the fp32 gradients accumulated so far hung on them (what the step and clipping use)."""
@@ -363,6 +376,24 @@ class BlockOptimizer(torch.optim.Optimizer):
             if master.grad is None:
                 master.grad = self._grad_buffers[name]
         self._pending.clear()
+
+    def _write_back(self) -> None:
+        """After the inner step: the weights from the masters (rounded), and the master gradients dropped.
+        With `split_masters`, a bf16 block's masters keep only their low 16 bits until the next step."""
+        for buf in self._master_buffers:
+            for m in buf.masters:
+                m.grad = None
+            if self.config.split_masters and buf.can_split:
+                buf.split()
+            else:
+                masters_to_params(buf.params, buf.masters)
+
+    def _master_value(self, name: str) -> torch.Tensor:
+        """The fp32 master of `name` as a tensor with memory (a rebuilt copy while its buffer is split)."""
+        for buf in self._master_buffers:
+            if name in buf.names:
+                return buf.value(buf.names.index(name))
+        return self._masters[name]
 
     # --- gradients straight into fp32 ---------------------------------------------------------------
 
@@ -486,6 +517,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             self.inner.state.pop(self._target(name), None)
             self._drop_grad_hook(name)
         self._masters.clear()
+        self._master_buffers.clear()
         self._grad_buffers = None
         self._pending.clear()
         self._params = {n: current[n] for n in self._names}
@@ -522,7 +554,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         buffers = [self._grad_buffer(n) for n in names] if any(p.grad is not None for p in params) else None
         grads_to_masters(params, masters, buffers)
         self.inner.step()
-        masters_to_params(params, masters)
+        self._write_back()
         self._grad_buffers = None
         self._pending.clear()
         self.advance()
@@ -549,7 +581,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         for name in self._trainable:
             entry = dict(self.inner.state.get(self._target(name), {}))
             if name in self._masters:
-                entry["master"] = self._masters[name]
+                entry["master"] = self._master_value(name)
             if entry:
                 state[self._index[name]] = entry
         groups = [
@@ -652,6 +684,10 @@ class BlockOptimizer(torch.optim.Optimizer):
                 name = self._names[int(i)]
                 if "master" in entry:
                     self._masters[name].copy_(entry["master"])
+        if self.config.split_masters:
+            for buf in self._master_buffers:
+                if buf.can_split:
+                    buf.split()  # as after the step that wrote this checkpoint
         # Let torch.optim place and cast the moments: rebuild the inner state dict in its own format.
         order = [self._target(n) for g in range(2) for n in self._group_names(g)]
         position = {id(t): k for k, t in enumerate(order)}

@@ -19,6 +19,9 @@ versions the test suite runs; pyproject allows transformers >=5,<6).
 7. `Accelerator.clip_grad_norm_` (the Trainer clips `model.parameters()` through it): with fp32 gradient
    accumulation the active block's gradients live on its fp32 masters, so those are clipped (and their
    norm logged) in place of the parameters, whose `.grad` is None.
+8. `Accelerator.prepare`: under `--torch_compile` (accelerate's dynamo plugin), when the objects prepared
+   include a BlockOptimizer, its model's stack layers are compiled one by one (`core.compilation`) instead
+   of the whole model, which would recompile at every block switch and fall back to eager after a few.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from transformers import Trainer, TrainingArguments
 from transformers import trainer_optimizer
 from transformers.training_args import OptimizerNames
 
+from ..core.compilation import compile_layers
 from ..core.config import BAdamConfig
 from ..core.optimizer import unwrap_optimizer
 from ..engines.deepspeed import attach_deepspeed
@@ -195,6 +199,37 @@ def _clip_the_masters() -> None:
     Accelerator.clip_grad_norm_ = clip_grad_norm_
 
 
+# --- 8: --torch_compile compiles layer by layer -----------------------------------------------------------
+
+
+def _compile_layers_on_prepare() -> None:
+    try:
+        from accelerate import Accelerator
+        from accelerate.utils import DynamoBackend
+    except ImportError:  # pragma: no cover
+        return
+    original = Accelerator.prepare
+    if getattr(original, "_badam_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def prepare(self, *args, **kwargs):
+        plugin = getattr(self.state, "dynamo_plugin", None)
+        opts = [unwrap_optimizer(a) for a in args if hasattr(a, "step") and hasattr(a, "param_groups")]
+        opt = next((o for o in opts if o is not None), None)
+        if opt is None or plugin is None or plugin.backend == DynamoBackend.NO:
+            return original(self, *args, **kwargs)
+        compile_layers(opt.model, opt.partition, **plugin.to_kwargs())
+        backend, plugin.backend = plugin.backend, DynamoBackend.NO  # accelerate must not compile the whole model
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            plugin.backend = backend
+
+    prepare._badam_wrapped = True
+    Accelerator.prepare = prepare
+
+
 def install() -> None:
     member = _add_enum_member(OptimizerNames, MEMBER_NAME, OPTIM_NAME)
     trainer_optimizer._OPTIMIZER_HANDLERS[member] = _badam_handler
@@ -203,3 +238,4 @@ def install() -> None:
     _route_fsdp_optimizer_io()
     _attach_before_deepspeed_load()
     _clip_the_masters()
+    _compile_layers_on_prepare()
