@@ -76,7 +76,10 @@ def test_bf16_masters_match_fp32_adamw_reference(tiny_llama):
                 assert masters[n].dtype == torch.float32
                 assert torch.equal(masters[n], refs[n]), (step, n)
                 assert params[n].dtype == torch.bfloat16
-                assert torch.equal(params[n], bf16_ties_toward_zero(refs[n])), (step, n)
+                # Masters kept split round ties toward zero; at a block's last step (dropped after it) torch's.
+                last = step % K == K - 1
+                want = refs[n].to(torch.bfloat16) if last else bf16_ties_toward_zero(refs[n])
+                assert torch.equal(params[n], want), (step, n)
             for n, p in params.items():
                 assert p.dtype == torch.bfloat16
                 if n not in names:

@@ -44,11 +44,13 @@ def flat_fp32_like(tensors: list[torch.Tensor], copy: bool = False, dtype=torch.
         by_device.setdefault(t.device, []).append(i)
     with torch.no_grad():
         for device, idx in by_device.items():
-            flat = torch.empty(sum(locals_[i].numel() for i in idx), dtype=dtype, device=device)
+            storage = torch.empty(sum(locals_[i].numel() for i in idx), dtype=dtype, device=device).untyped_storage()
             offset = 0
             for i in idx:
                 n = locals_[i].numel()
-                out[i] = flat[offset:offset + n].view(locals_[i].shape)
+                # Tensors over the shared storage, not views of a base tensor: a view's `_base` would keep the
+                # whole buffer alive for as long as any one of them exists.
+                out[i] = torch.empty(0, dtype=dtype, device=device).set_(storage, offset, locals_[i].shape)
                 if copy:
                     out[i].copy_(locals_[i])
                 offset += n
@@ -95,22 +97,32 @@ def masters_to_params(params: list[torch.Tensor], masters: list[torch.Tensor]) -
 # (-0x8000, 0x8000] (in units of the master's last bit), 65536 values: one int16.
 
 
+# Elements per pass: the one int32 temporary of a split stays at 4 MiB whatever the tensor's size.
+SPLIT_CHUNK = 1 << 20
+
+
 @torch.no_grad()
 def split_master(master: torch.Tensor, weight: torch.Tensor, low: torch.Tensor) -> None:
     """Write the rounded master into `weight` (bf16) and its low 16 bits into `low` (int16), in place."""
-    bits = master.view(torch.int32)
-    trunc = torch.bitwise_right_shift(bits, 16)
-    frac = torch.bitwise_and(bits, 0xFFFF)
-    up = frac > 0x8000
-    weight.view(torch.int16).copy_(trunc + up)  # int32 -> int16 keeps the low 16 bits: the bf16 pattern
-    low.copy_(frac - 0x10000 * up - 1)  # the residual minus one, in [-0x8000, 0x7FFF]
+    bits, hi, lo = master.reshape(-1).view(torch.int32), weight.reshape(-1).view(torch.int16), low.reshape(-1)
+    for start in range(0, bits.numel(), SPLIT_CHUNK):
+        b = bits[start:start + SPLIT_CHUNK]
+        # + 0x7FFF carries into the top half exactly when the low half is above 0x8000: round to nearest, ties
+        # toward zero (the bit pattern is sign-magnitude, so this holds for negative values too).
+        t = b + 0x7FFF
+        t.bitwise_right_shift_(16)
+        hi[start:start + SPLIT_CHUNK].copy_(t)  # int32 -> int16 keeps the low 16 bits: the bf16 pattern
+        t.bitwise_left_shift_(16).neg_().add_(b).sub_(1)  # the residual minus one, in [-0x8000, 0x7FFF]
+        lo[start:start + SPLIT_CHUNK].copy_(t)
 
 
 @torch.no_grad()
 def join_master(weight: torch.Tensor, low: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The fp32 master that `split_master` split into `weight` and `low`, written into `out`."""
-    bits = torch.bitwise_left_shift(weight.view(torch.int16).to(torch.int32), 16) + low.to(torch.int32) + 1
-    return out.copy_(bits.view(torch.float32))
+    bits = out.reshape(-1).view(torch.int32)
+    bits.copy_(weight.reshape(-1).view(torch.int16))  # sign-extends the bf16 pattern
+    bits.bitwise_left_shift_(16).add_(low.reshape(-1)).add_(1)
+    return out
 
 
 class MasterBuffer:

@@ -379,11 +379,17 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def _write_back(self) -> None:
         """After the inner step: the weights from the masters (rounded), and the master gradients dropped.
-        With `split_masters`, a bf16 block's masters keep only their low 16 bits until the next step."""
+        With `split_masters`, a bf16 block's masters keep only their low 16 bits until the next step, except
+        at the block's last step, after which they are dropped anyway."""
         for buf in self._master_buffers:
             for m in buf.masters:
                 m.grad = None
-            if self.config.split_masters and buf.can_split:
+        self._grad_buffers = None  # freed before the split's temporaries are made
+        block_ends = self.schedule.block_at(self.global_step + 1) != self.active_block
+        always = set(self.partition.always_active)
+        for buf in self._master_buffers:
+            lives_on = not block_ends or buf.names[0] in always
+            if self.config.split_masters and buf.can_split and lives_on:
                 buf.split()
             else:
                 masters_to_params(buf.params, buf.masters)
