@@ -5,8 +5,8 @@ parameter); a trained parameter carries an fp32 gradient (4) and fp32 master + t
 So Adam needs 2 + 4 + 12 = 18 bytes per parameter, and BAdam 2 per parameter plus 16 per parameter of
 its largest block. That is what `BlockOptimizer` holds: with `fp32_grad_accumulation` (the default) the
 active block's gradients go straight into one fp32 buffer (4 bytes; no bf16 gradient of 2 more bytes is
-kept), and its master is made at the block's first step, after that step's backward. Activations are a
-rough estimate (see `activation_bytes`).
+kept), and its master is made at the block's first step, after that step's backward, and held as its 16
+low bits between steps (`split_masters`). Activations are a rough estimate (see `activation_bytes`).
 """
 
 from __future__ import annotations
@@ -163,5 +163,7 @@ def format_table(info: dict, rows: list[Estimate]) -> str:
         )
     bf16_grads = 2 * info["largest_block"] / info["gpus"]
     lines += ["", f"BAdam's gradients are fp32 straight from backward (fp32_grad_accumulation, the default); with "
-              f"fp32_grad_accumulation=false the bf16 gradient is also kept until the step: +{bf16_grads / GB:.2f} GB."]
+              f"fp32_grad_accumulation=false the bf16 gradient is also kept until the step: +{bf16_grads / GB:.2f} GB. "
+              f"The 16 bytes per active parameter all exist at the step; through forward and backward the fp32 master "
+              f"is held as its 16 low bits (split_masters): {bf16_grads / GB:.2f} GB less there."]
     return "\n".join(lines)
