@@ -27,16 +27,11 @@ def needs_master(param: torch.Tensor) -> bool:
     return param.dtype != torch.float32 or is_sharded(param)
 
 
-@torch.no_grad()
-def make_master(param: torch.Tensor) -> torch.Tensor:
-    return local_shard(param.detach()).to(torch.float32, copy=True)
-
-
-def flat_fp32_like(tensors: list[torch.Tensor], copy: bool = False, dtype=torch.float32) -> list[torch.Tensor]:
-    """fp32 tensors shaped like `tensors` (their local shards), as views of one contiguous buffer per device.
+def flat_like(tensors: list[torch.Tensor], dtype=torch.float32, copy: bool = False) -> list[torch.Tensor]:
+    """Tensors of `dtype` shaped like `tensors` (their local shards), over one contiguous buffer per device.
     One allocation per block instead of one per tensor: a switch frees it whole (nothing left behind for
-    the allocator to fragment), and its size is exactly 4 bytes x the block's (local) elements. `copy`
-    fills each view with its tensor's values; `dtype` makes the buffer of another dtype."""
+    the allocator to fragment), and its size is exactly the block's (local) elements x the dtype's bytes.
+    `copy` fills each with its tensor's values."""
     locals_ = [local_shard(t.detach()) for t in tensors]
     out: list[torch.Tensor | None] = [None] * len(locals_)
     by_device: dict[torch.device, list[int]] = {}
@@ -58,26 +53,24 @@ def flat_fp32_like(tensors: list[torch.Tensor], copy: bool = False, dtype=torch.
 
 
 def make_flat_masters(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """fp32 masters of `params` (see `flat_fp32_like`)."""
-    return flat_fp32_like(params, copy=True)
+    """fp32 masters of `params` (see `flat_like`)."""
+    return flat_like(params, copy=True)
 
 
 @torch.no_grad()
-def grads_to_masters(params: list[torch.Tensor], masters: list[torch.Tensor], buffers=None) -> None:
+def grads_to_masters(params: list[torch.Tensor], masters: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
     """Move each low-precision grad that is still on its parameter up to its master (fp32) and free the
     low-precision one. A master whose gradient already arrived in fp32 (the post-accumulate-grad path) keeps
-    it, adding what the parameter holds, if anything. `buffers[i]`, when given, is where master i's fp32
-    gradient lives (a view of the block's gradient buffer, see `flat_fp32_like`); else a new tensor is made."""
-    for i, (p, m) in enumerate(zip(params, masters)):
+    it, adding what the parameter holds. `buffers[i]` is where master i's fp32 gradient lives (its part of
+    the block's gradient buffer, see `flat_like`)."""
+    for p, m, buf in zip(params, masters, buffers):
         if p.grad is None:
             continue
         g = local_shard(p.grad)
         if m.grad is not None:
             m.grad.add_(g)
-        elif buffers is not None:
-            m.grad = buffers[i].copy_(g)
         else:
-            m.grad = g.to(torch.float32)
+            m.grad = buf.copy_(g)
         p.grad = None
 
 
@@ -155,7 +148,7 @@ class MasterBuffer:
     def split(self) -> None:
         if self.is_split:
             return
-        self.lows = flat_fp32_like(self.params, dtype=torch.int16)
+        self.lows = flat_like(self.params, dtype=torch.int16)
         for m, p, low in zip(self.masters, self.params, self.lows):
             split_master(m, local_shard(p.detach()), low)
         for m in self.masters:
@@ -165,7 +158,7 @@ class MasterBuffer:
     def join(self) -> None:
         if not self.is_split:
             return
-        for m, view, p, low in zip(self.masters, flat_fp32_like(self.params), self.params, self.lows):
+        for m, view, p, low in zip(self.masters, flat_like(self.params), self.params, self.lows):
             m.data = view
             join_master(local_shard(p.detach()), low, m)
         self.lows = None

@@ -27,7 +27,7 @@ from .config import BAdamConfig
 from .errors import BAdamConfigError, CheckpointMismatchError
 from .masters import (
     MasterBuffer,
-    flat_fp32_like,
+    flat_like,
     grads_to_masters,
     is_sharded,
     local_shard,
@@ -378,14 +378,17 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._pending.clear()
 
     def _write_back(self) -> None:
-        """After the inner step: the weights from the masters (rounded), and the master gradients dropped.
-        With `split_masters`, a bf16 block's masters keep only their low 16 bits until the next step, except
-        at the block's last step, after which they are dropped anyway."""
+        """After the inner step: the master gradients dropped, then the weights from the masters."""
         for buf in self._master_buffers:
             for m in buf.masters:
                 m.grad = None
         self._grad_buffers = None  # freed before the split's temporaries are made
-        block_ends = self.schedule.block_at(self.global_step + 1) != self.active_block
+        self._store_masters(block_ends=self.schedule.block_at(self.global_step + 1) != self.active_block)
+
+    def _store_masters(self, block_ends: bool = False) -> None:
+        """Write the masters (rounded) into the weights. With `split_masters`, a bf16 buffer keeps only the
+        masters' low 16 bits until the next step, except at the block's last step (`block_ends`): the
+        block's masters are dropped right after it, so they are written with torch's rounding instead."""
         always = set(self.partition.always_active)
         for buf in self._master_buffers:
             lives_on = not block_ends or buf.names[0] in always
@@ -418,7 +421,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         gradient after a step and freed at the next step."""
         if self._grad_buffers is None:
             names = [n for n in self._trainable if self._needs_master(n)]
-            self._grad_buffers = dict(zip(names, flat_fp32_like([self._params[n] for n in names])))
+            self._grad_buffers = dict(zip(names, flat_like([self._params[n] for n in names])))
         return self._grad_buffers[name]
 
     @torch.no_grad()
@@ -557,12 +560,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         masters = [self._masters[n] for n in names]
         self.sync_hyperparameters()
         # Gradients still on the parameters (bf16 accumulation, or what an engine reduced) join the fp32 ones.
-        buffers = [self._grad_buffer(n) for n in names] if any(p.grad is not None for p in params) else None
-        grads_to_masters(params, masters, buffers)
+        if any(p.grad is not None for p in params):
+            grads_to_masters(params, masters, [self._grad_buffer(n) for n in names])
         self.inner.step()
         self._write_back()
-        self._grad_buffers = None
-        self._pending.clear()
         self.advance()
         return loss
 
@@ -690,10 +691,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 name = self._names[int(i)]
                 if "master" in entry:
                     self._masters[name].copy_(entry["master"])
-        if self.config.split_masters:
-            for buf in self._master_buffers:
-                if buf.can_split:
-                    buf.split()  # as after the step that wrote this checkpoint
+        self._store_masters()  # as after the step that wrote this checkpoint (mid-block: it had masters)
         # Let torch.optim place and cast the moments: rebuild the inner state dict in its own format.
         order = [self._target(n) for g in range(2) for n in self._group_names(g)]
         position = {id(t): k for k, t in enumerate(order)}

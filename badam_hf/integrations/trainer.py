@@ -50,10 +50,12 @@ class BAdamCallback(TrainerCallback):
         trainer = self._trainer() if getattr(self, "_trainer", None) is not None else None
         if opt is not None and trainer is not None:
             attach_wrapped_model(getattr(trainer, "model_wrapped", None), opt)
-            if getattr(trainer.accelerator, "scaler", None) is not None and not getattr(self, "_scaler_keep", None):
+            if getattr(trainer.accelerator, "scaler", None) is not None and getattr(self, "_scaler_kept", None) is not opt:
                 # fp16 loss scaling unscales and checks the gradients on the optimizer's parameters: leave them
-                # there (the bf16 path) rather than on the fp32 masters.
-                self._scaler_keep = opt.register_grad_keep_check(lambda: True)
+                # there (the bf16 path) rather than on the fp32 masters. Once per optimizer (a later train()
+                # may build a new one).
+                opt.register_grad_keep_check(lambda: True)
+                self._scaler_kept = opt
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer)
