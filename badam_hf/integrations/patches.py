@@ -45,6 +45,17 @@ OPTIM_NAME = "badam"
 MEMBER_NAME = "BADAM"
 
 
+def _replace(owner, name: str, wrap) -> None:
+    """`owner.name = wrap(original)`, once: a second call (or a missing original) changes nothing. The
+    wrapper keeps the original's name and docs and is marked so that it is recognised."""
+    original = getattr(owner, name, None)
+    if original is None or getattr(original, "_badam_wrapped", False):
+        return
+    wrapper = functools.wraps(original)(wrap(original))
+    wrapper._badam_wrapped = True
+    setattr(owner, name, wrapper)
+
+
 # --- 1-4: --optim badam ------------------------------------------------------------------------------
 
 def _add_enum_member(enum_cls, name: str, value: str):
@@ -84,33 +95,27 @@ def _validate_training_args(args) -> None:
 
 
 def _wrap_post_init(cls) -> None:
-    original = cls.__post_init__
-    if getattr(original, "_badam_wrapped", False):
-        return
+    def wrap(original):
+        def __post_init__(self, *a, **kw):
+            original(self, *a, **kw)
+            _validate_training_args(self)
 
-    @functools.wraps(original)
-    def __post_init__(self, *a, **kw):
-        original(self, *a, **kw)
-        _validate_training_args(self)
+        return __post_init__
 
-    __post_init__._badam_wrapped = True
-    cls.__post_init__ = __post_init__
+    _replace(cls, "__post_init__", wrap)
 
 
 def _wrap_create_optimizer(cls) -> None:
-    original = cls.create_optimizer
-    if getattr(original, "_badam_wrapped", False):
-        return
+    def wrap(original):
+        def create_optimizer(self, *a, **kw):
+            opt = original(self, *a, **kw)
+            if unwrap_optimizer(opt) is not None:
+                ensure_badam_callback(self)
+            return opt
 
-    @functools.wraps(original)
-    def create_optimizer(self, *a, **kw):
-        opt = original(self, *a, **kw)
-        if unwrap_optimizer(opt) is not None:
-            ensure_badam_callback(self)
-        return opt
+        return create_optimizer
 
-    create_optimizer._badam_wrapped = True
-    cls.create_optimizer = create_optimizer
+    _replace(cls, "create_optimizer", wrap)
 
 
 # --- 5: FSDP2 optimizer checkpoints ---------------------------------------------------------------------
@@ -159,19 +164,17 @@ def _attach_before_deepspeed_load() -> None:
         import transformers.trainer as hf_trainer
     except ImportError:  # pragma: no cover
         return
-    original = getattr(hf_trainer, "deepspeed_load_checkpoint", None)
-    if original is None or getattr(original, "_badam_wrapped", False):
-        return
 
-    @functools.wraps(original)
-    def deepspeed_load_checkpoint(deepspeed_engine, checkpoint_path, *args, **kwargs):
-        opt = unwrap_optimizer(getattr(deepspeed_engine, "optimizer", None))
-        if opt is not None:
-            attach_deepspeed(deepspeed_engine, opt)
-        return original(deepspeed_engine, checkpoint_path, *args, **kwargs)
+    def wrap(original):
+        def deepspeed_load_checkpoint(deepspeed_engine, checkpoint_path, *args, **kwargs):
+            opt = unwrap_optimizer(getattr(deepspeed_engine, "optimizer", None))
+            if opt is not None:
+                attach_deepspeed(deepspeed_engine, opt)
+            return original(deepspeed_engine, checkpoint_path, *args, **kwargs)
 
-    deepspeed_load_checkpoint._badam_wrapped = True
-    hf_trainer.deepspeed_load_checkpoint = deepspeed_load_checkpoint
+        return deepspeed_load_checkpoint
+
+    _replace(hf_trainer, "deepspeed_load_checkpoint", wrap)
 
 
 # --- 7: gradient clipping sees the fp32 gradients ----------------------------------------------------------
@@ -182,21 +185,19 @@ def _clip_the_masters() -> None:
         from accelerate import Accelerator
     except ImportError:  # pragma: no cover
         return
-    original = Accelerator.clip_grad_norm_
-    if getattr(original, "_badam_wrapped", False):
-        return
 
-    @functools.wraps(original)
-    def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
-        for accelerated in getattr(self, "_optimizers", ()):
-            opt = unwrap_optimizer(accelerated)
-            if opt is not None:
-                parameters = opt.gradient_holders(parameters)
-                break
-        return original(self, parameters, max_norm, norm_type)
+    def wrap(original):
+        def clip_grad_norm_(self, parameters, max_norm, norm_type=2):
+            for accelerated in getattr(self, "_optimizers", ()):
+                opt = unwrap_optimizer(accelerated)
+                if opt is not None:
+                    parameters = opt.gradient_holders(parameters)
+                    break
+            return original(self, parameters, max_norm, norm_type)
 
-    clip_grad_norm_._badam_wrapped = True
-    Accelerator.clip_grad_norm_ = clip_grad_norm_
+        return clip_grad_norm_
+
+    _replace(Accelerator, "clip_grad_norm_", wrap)
 
 
 # --- 8: --torch_compile compiles layer by layer -----------------------------------------------------------
@@ -208,26 +209,24 @@ def _compile_layers_on_prepare() -> None:
         from accelerate.utils import DynamoBackend
     except ImportError:  # pragma: no cover
         return
-    original = Accelerator.prepare
-    if getattr(original, "_badam_wrapped", False):
-        return
 
-    @functools.wraps(original)
-    def prepare(self, *args, **kwargs):
-        plugin = getattr(self.state, "dynamo_plugin", None)
-        opts = [unwrap_optimizer(a) for a in args if hasattr(a, "step") and hasattr(a, "param_groups")]
-        opt = next((o for o in opts if o is not None), None)
-        if opt is None or plugin is None or plugin.backend == DynamoBackend.NO:
-            return original(self, *args, **kwargs)
-        compile_layers(opt.model, opt.partition, **plugin.to_kwargs())
-        backend, plugin.backend = plugin.backend, DynamoBackend.NO  # accelerate must not compile the whole model
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            plugin.backend = backend
+    def wrap(original):
+        def prepare(self, *args, **kwargs):
+            plugin = getattr(self.state, "dynamo_plugin", None)
+            opts = [unwrap_optimizer(a) for a in args if hasattr(a, "step") and hasattr(a, "param_groups")]
+            opt = next((o for o in opts if o is not None), None)
+            if opt is None or plugin is None or plugin.backend == DynamoBackend.NO:
+                return original(self, *args, **kwargs)
+            compile_layers(opt.model, opt.partition, **plugin.to_kwargs())
+            backend, plugin.backend = plugin.backend, DynamoBackend.NO  # accelerate must not compile the whole model
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                plugin.backend = backend
 
-    prepare._badam_wrapped = True
-    Accelerator.prepare = prepare
+        return prepare
+
+    _replace(Accelerator, "prepare", wrap)
 
 
 def install() -> None:
