@@ -1,7 +1,9 @@
 """BAdam settings: one dataclass per concern, each validated when it is built.
 
 `PartitionConfig` says how the model is cut into blocks, `ScheduleConfig` says in which order and for
-how long each block trains, and `BAdamConfig` bundles both with the choice of inner optimizer.
+how long each block trains, `RatioConfig` and `LisaConfig` hold the settings of the two other modes
+(`mode=ratio`: a fraction of every matrix; `mode=lisa`: a few sampled layers), `InactiveUpdateConfig` the
+BREAD-style update of the frozen layers, and `BAdamConfig` bundles them with the choice of inner optimizer.
 `BAdamConfig.from_optim_args` reads the `--optim_args "key=value,..."` string of `TrainingArguments`.
 """
 
@@ -18,6 +20,12 @@ from .errors import BAdamConfigError
 
 GRANULARITIES = ("layer", "attn_mlp", "matrix")
 SWITCH_MODES = ("random", "ascending", "descending", "fixed")
+MODES = ("layer", "ratio", "lisa")
+MASK_MODES = ("adjacent", "scatter")
+INACTIVE_UPDATES = ("none", "sgd", "signsgd")
+INACTIVE_SCOPES = ("above", "all")
+# switch_every when it is not given: the paper's K for blocks and ratio masks, LISA's sampling interval.
+DEFAULT_SWITCH_EVERY = {"layer": 100, "ratio": 100, "lisa": 20}
 # Short names for the inner optimizer; anything else must be a dotted path to a torch.optim.Optimizer class.
 INNER_OPTIMIZERS = {
     "adamw": torch.optim.AdamW,
@@ -86,7 +94,9 @@ class ScheduleConfig:
 
     Args:
         switch_every: K, the number of optimizer steps (after gradient accumulation) each block gets
-            before the next one is activated. The paper uses 100 for instruction tuning.
+            before the next one is activated (with `mode=ratio`: before the masks move; with `mode=lisa`:
+            before new layers are sampled). Default 100 (the paper's value for instruction tuning), 20 for
+            `mode=lisa` (LISA's interval).
         switch_mode: `random` (a new random order each block-epoch), `ascending`, `descending` or
             `fixed` (only `start_block` ever trains).
         start_block: index of the first block. Default: 0, or the last block for `descending`, or a
@@ -95,14 +105,16 @@ class ScheduleConfig:
             independent of the global torch RNG.
     """
 
-    switch_every: int = 100
+    switch_every: int | None = None
     switch_mode: str = "random"
     start_block: int | None = None
     seed: int = 42
 
     def __post_init__(self):
         _choice("switch_mode", self.switch_mode, SWITCH_MODES)
-        if isinstance(self.switch_every, bool) or not isinstance(self.switch_every, int) or self.switch_every < 1:
+        if self.switch_every is not None and (
+            isinstance(self.switch_every, bool) or not isinstance(self.switch_every, int) or self.switch_every < 1
+        ):
             raise BAdamConfigError(
                 f"switch_every={self.switch_every!r} is not valid; it is the number of optimizer steps per block "
                 "and must be an integer >= 1 (the paper uses 100)."
@@ -115,13 +127,100 @@ class ScheduleConfig:
             raise BAdamConfigError(f"seed={self.seed!r} is not valid; it must be an integer.")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class RatioConfig:
+    """`mode=ratio`: every parameter in the partition trains a fraction of its entries at a time.
+
+    Args:
+        update_ratio: the fraction of each parameter's entries updated in a period, in (0, 1]
+            (LlamaFactory's `badam_update_ratio`, default 0.05). Each parameter gets
+            max(1, floor(update_ratio x its size)) entries; they move every `switch_every` optimizer steps.
+        mask_mode: `adjacent` (one run of consecutive entries of the flattened tensor; over 1/update_ratio
+            periods the runs sweep the whole tensor, from a random phase per parameter) or `scatter`
+            (entries spread over the whole tensor: one drawn uniformly from each of as many equal runs).
+    """
+
+    update_ratio: float = 0.05
+    mask_mode: str = "adjacent"
+
+    def __post_init__(self):
+        _choice("mask_mode", self.mask_mode, MASK_MODES)
+        if not _is_number(self.update_ratio) or not 0.0 < float(self.update_ratio) <= 1.0:
+            raise BAdamConfigError(
+                f"update_ratio={self.update_ratio!r} is not valid; it is the fraction of each matrix's entries "
+                "trained at a time and must lie in (0, 1] (LlamaFactory's default is 0.05)."
+            )
+        self.update_ratio = float(self.update_ratio)
+
+
+@dataclass
+class LisaConfig:
+    """`mode=lisa`: `lisa_layers` blocks (layers) sampled without replacement every `switch_every` steps, with
+    everything outside the layer stack (embeddings, final norm, LM head) trained throughout unless
+    `always_active` says otherwise.
+
+    Args:
+        lisa_layers: gamma, the number of layers trained at a time (LMFlow's `lisa_activated_layers`, default 2).
+    """
+
+    lisa_layers: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.lisa_layers, bool) or not isinstance(self.lisa_layers, int) or self.lisa_layers < 1:
+            raise BAdamConfigError(
+                f"lisa_layers={self.lisa_layers!r} is not valid; it is the number of layers sampled at a time and "
+                "must be an integer >= 1 (LISA's default is 2)."
+            )
+
+
+@dataclass
+class InactiveUpdateConfig:
+    """BREAD-style updates of the layers that are not active (the BAdam authors' follow-up): during the same
+    backward, each such parameter takes one plain step `p -= lr x inactive_lr_scale x g` (`sgd`) or
+    `... x sign(g)` (`signsgd`) in its own dtype, and its gradient is freed at once; no state is kept.
+
+    Args:
+        inactive_update: `none` (default: BAdam), `sgd` or `signsgd`.
+        inactive_lr_scale: the inactive step's learning rate as a multiple of the scheduled one (default 5.0).
+        inactive_scope: `above` (default: only the layers above the lowest active one and the output side,
+            whose backward runs anyway, so BAdam's backward truncation is kept) or `all` (every other
+            parameter: a full backward).
+    """
+
+    inactive_update: str = "none"
+    inactive_lr_scale: float = 5.0
+    inactive_scope: str = "above"
+
+    def __post_init__(self):
+        _choice("inactive_update", self.inactive_update, INACTIVE_UPDATES)
+        _choice("inactive_scope", self.inactive_scope, INACTIVE_SCOPES)
+        if not _is_number(self.inactive_lr_scale) or not 0.0 < float(self.inactive_lr_scale) < float("inf"):
+            raise BAdamConfigError(
+                f"inactive_lr_scale={self.inactive_lr_scale!r} is not valid; it multiplies the learning rate of the "
+                "inactive layers' update and must be a finite number > 0 (BREAD's default is 5.0)."
+            )
+        self.inactive_lr_scale = float(self.inactive_lr_scale)
+
+    @property
+    def enabled(self) -> bool:
+        return self.inactive_update != "none"
+
+
 @dataclass
 class BAdamConfig:
     """All BAdam settings.
 
     Args:
+        mode: `layer` (BAdam: one block at a time, the default), `ratio` (every parameter of the partition
+            trains a fraction of its entries, see `RatioConfig`) or `lisa` (a few sampled layers plus the
+            embeddings and head, see `LisaConfig`).
         partition: see `PartitionConfig`.
         schedule: see `ScheduleConfig`.
+        ratio, lisa, inactive: see `RatioConfig`, `LisaConfig`, `InactiveUpdateConfig`.
         inner_optimizer: the optimizer run on the active block: `adamw` (default), `adam`, `sgd`, or a
             dotted path to any `torch.optim.Optimizer` subclass (`torch.optim.Adagrad`).
         truncate_backward: stop the backward pass at the lowest active layer (BAdam's backward saving).
@@ -138,8 +237,12 @@ class BAdamConfig:
             are both half an ulp away). `false` keeps the fp32 masters whole.
     """
 
+    mode: str = "layer"
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    ratio: RatioConfig = field(default_factory=RatioConfig)
+    lisa: LisaConfig = field(default_factory=LisaConfig)
+    inactive: InactiveUpdateConfig = field(default_factory=InactiveUpdateConfig)
     inner_optimizer: str | type = "adamw"
     truncate_backward: bool = True
     fp32_grad_accumulation: bool = True
@@ -153,7 +256,60 @@ class BAdamConfig:
             self.partition = PartitionConfig(**self.partition)
         if isinstance(self.schedule, dict):
             self.schedule = ScheduleConfig(**self.schedule)
+        for name, cls in self._SECTIONS[2:]:
+            if isinstance(getattr(self, name), dict):
+                setattr(self, name, cls(**getattr(self, name)))
+        _choice("mode", self.mode, MODES)
+        if self.schedule.switch_every is None:
+            self.schedule.switch_every = DEFAULT_SWITCH_EVERY[self.mode]
+        self._check_mode_combinations()
         self.inner_optimizer_cls  # validate now, not at the first step
+
+    def _check_mode_combinations(self) -> None:
+        """Settings that mean something in one mode only are refused in the others (they would be ignored)."""
+        mode, sched, part = self.mode, self.schedule, self.partition
+        if mode != "layer":
+            if sched.switch_mode != "random":
+                raise BAdamConfigError(
+                    f"switch_mode={sched.switch_mode!r} orders the blocks of mode='layer'; mode={mode!r} "
+                    + ("moves its masks by itself" if mode == "ratio" else "samples its layers at random")
+                    + ": leave switch_mode unset."
+                )
+            if sched.start_block is not None:
+                raise BAdamConfigError(f"start_block applies to mode='layer' only; leave it unset with mode={mode!r}.")
+        if mode == "lisa" and (part.include_embedding or part.include_lm_head):
+            raise BAdamConfigError(
+                "include_embedding/include_lm_head make the embeddings or head a block of their own; with mode='lisa' "
+                "they are trained in every step already (set always_active to choose what trains throughout)."
+            )
+        if mode != "ratio" and (self.ratio != RatioConfig()):
+            raise BAdamConfigError(
+                f"update_ratio/mask_mode apply to mode='ratio' only (this config has mode={mode!r}); set mode=ratio "
+                "or leave them unset."
+            )
+        if mode != "lisa" and self.lisa != LisaConfig():
+            raise BAdamConfigError(
+                f"lisa_layers applies to mode='lisa' only (this config has mode={mode!r}); set mode=lisa or leave it "
+                "unset."
+            )
+        if self.inactive != InactiveUpdateConfig() and not self.inactive.enabled:
+            raise BAdamConfigError(
+                "inactive_lr_scale/inactive_scope configure inactive_update, which is 'none'; set "
+                "inactive_update=sgd or signsgd, or leave them unset."
+            )
+        if self.inactive.enabled and mode == "ratio":
+            raise BAdamConfigError(
+                f"inactive_update={self.inactive.inactive_update!r} updates the layers that are not active, and "
+                "mode='ratio' has none (every matrix trains a part of its entries); use it with mode=layer or lisa."
+            )
+
+    _SECTIONS = (
+        ("partition", PartitionConfig),
+        ("schedule", ScheduleConfig),
+        ("ratio", RatioConfig),
+        ("lisa", LisaConfig),
+        ("inactive", InactiveUpdateConfig),
+    )
 
     @property
     def inner_optimizer_cls(self) -> type[torch.optim.Optimizer]:
@@ -164,8 +320,8 @@ class BAdamConfig:
     @classmethod
     def flat_fields(cls) -> dict[str, tuple[str | None, type]]:
         """Every flat key, mapped to (section, type). Section None means a field of BAdamConfig itself."""
-        out: dict[str, tuple[str | None, type]] = {}
-        for section, sub in (("partition", PartitionConfig), ("schedule", ScheduleConfig)):
+        out: dict[str, tuple[str | None, type]] = {"mode": (None, str)}
+        for section, sub in cls._SECTIONS:
             for f in dataclasses.fields(sub):
                 out[f.name] = (section, f.type)
         out["inner_optimizer"] = (None, str)
@@ -184,15 +340,11 @@ class BAdamConfig:
                 f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; valid keys are: "
                 f"{', '.join(sorted(known))}."
             )
-        sections: dict[str | None, dict[str, Any]] = {"partition": {}, "schedule": {}, None: {}}
+        sections: dict[str | None, dict[str, Any]] = {name: {} for name, _ in cls._SECTIONS} | {None: {}}
         for key, raw in values.items():
             section, typ = known[key]
             sections[section][key] = _convert(key, raw, typ, source)
-        return cls(
-            partition=PartitionConfig(**sections["partition"]),
-            schedule=ScheduleConfig(**sections["schedule"]),
-            **sections[None],
-        )
+        return cls(**{name: sub(**sections[name]) for name, sub in cls._SECTIONS}, **sections[None])
 
     @classmethod
     def from_optim_args(cls, optim_args: str | None, target_modules=None) -> "BAdamConfig":
@@ -234,6 +386,8 @@ def _convert(key: str, raw: Any, typ, source: str) -> Any:
             if low in ("false", "0", "no"):
                 return False
             raise ValueError
+        if typ_s in ("float", "<class 'float'>"):
+            return float(raw)
         if "list" in typ_s:
             if raw.lower() in ("none", "[]", ""):
                 return []
@@ -244,7 +398,8 @@ def _convert(key: str, raw: Any, typ, source: str) -> Any:
             return int(raw)
         return raw
     except ValueError:
-        expected = "true/false" if "bool" in typ_s else "an integer" if "int" in typ_s else typ_s
+        expected = ("true/false" if "bool" in typ_s else "a number" if "float" in typ_s
+                    else "an integer" if "int" in typ_s else typ_s)
         raise BAdamConfigError(f"{key}={raw!r} in {source} is not valid; expected {expected}.") from None
 
 

@@ -21,6 +21,32 @@ def local_shard(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if is_sharded(t) else t
 
 
+# Which entries of a tensor a ratio-mode master mirrors: a slice of the flattened tensor, an index tensor, or
+# None for all of them (see `badam_hf.core.selection`).
+Selection = slice | torch.Tensor
+
+
+def selected(t: torch.Tensor, sel: Selection | None) -> torch.Tensor:
+    """The selected entries of `t` (its local shard): a view for a slice, a gathered copy for indices."""
+    t = local_shard(t)
+    if sel is None:
+        return t
+    flat = t.view(-1)
+    return flat[sel] if isinstance(sel, slice) else flat.index_select(0, sel)
+
+
+@torch.no_grad()
+def write_selected(t: torch.Tensor, sel: Selection | None, values: torch.Tensor) -> None:
+    """Write `values` (rounded to `t`'s dtype) into the selected entries of `t`."""
+    t = local_shard(t)
+    if sel is None:
+        t.copy_(values)
+    elif isinstance(sel, slice):
+        t.view(-1)[sel].copy_(values)
+    else:
+        t.view(-1)[sel] = values.to(t.dtype)
+
+
 def needs_master(param: torch.Tensor) -> bool:
     # A sharded tensor always gets a plain local master: the inner optimizer's state then stays per-rank plain
     # tensors, whatever the weights' dtype (for fp32 weights that costs 4 bytes per local active element).
@@ -58,15 +84,17 @@ def make_flat_masters(params: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 @torch.no_grad()
-def grads_to_masters(params: list[torch.Tensor], masters: list[torch.Tensor], buffers: list[torch.Tensor]) -> None:
+def grads_to_masters(params: list[torch.Tensor], masters: list[torch.Tensor], buffers: list[torch.Tensor],
+                     selections: list[Selection | None] | None = None) -> None:
     """Move each low-precision grad that is still on its parameter up to its master (fp32) and free the
     low-precision one. A master whose gradient already arrived in fp32 (the post-accumulate-grad path) keeps
     it, adding what the parameter holds. `buffers[i]` is where master i's fp32 gradient lives (its part of
-    the block's gradient buffer, see `flat_like`)."""
-    for p, m, buf in zip(params, masters, buffers):
+    the block's gradient buffer, see `flat_like`); `selections[i]` which entries master i mirrors."""
+    selections = selections if selections is not None else [None] * len(params)
+    for p, m, buf, sel in zip(params, masters, buffers, selections):
         if p.grad is None:
             continue
-        g = local_shard(p.grad)
+        g = selected(p.grad, sel)
         if m.grad is not None:
             m.grad.add_(g)
         else:
@@ -153,6 +181,11 @@ class MasterBuffer:
             split_master(m, local_shard(p.detach()), low)
         for m in self.masters:
             m.data = torch.empty(0, dtype=torch.float32, device=m.device)  # the buffer goes with the last view
+
+    @torch.no_grad()
+    def store(self) -> None:
+        """Write the masters, rounded, into the weights (the whole-master path, at a block's end)."""
+        masters_to_params(self.params, self.masters)
 
     @torch.no_grad()
     def join(self) -> None:

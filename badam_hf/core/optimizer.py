@@ -8,6 +8,11 @@ else:
 
     opt = BlockOptimizer(model, lr=1e-5, switch_every=100)
     loss.backward(); opt.step(); opt.zero_grad()
+
+The same machinery runs the block family's other members (`mode`): `lisa` activates several sampled
+blocks at once, `ratio` activates every block but gives the inner optimizer only the selected entries of
+each parameter (masters and moments of those entries alone), and `inactive_update` adds BREAD's stateless
+step for the frozen parameters inside the backward.
 """
 
 from __future__ import annotations
@@ -31,11 +36,13 @@ from .masters import (
     grads_to_masters,
     is_sharded,
     local_shard,
-    masters_to_params,
     needs_master,
+    selected,
+    write_selected,
 )
 from .partition import Partition, partition_model
 from .schedule import BlockSchedule
+from .selection import GatheredMasters, select_entries, selection_template
 
 STATE_VERSION = 1
 
@@ -79,6 +86,21 @@ def check_model(model: nn.Module) -> None:
             "torch_dtype=torch.bfloat16, the paper's setting) or float32 weights (optionally with fp16 autocast "
             "and loss scaling)."
         )
+
+
+def partition_for(model: nn.Module, config: BAdamConfig) -> Partition:
+    """The blocks of `model` under `config` (mode lisa: everything outside the blocks is always active unless
+    `always_active` is set)."""
+    return partition_model(model, config.partition, outside_blocks_active=config.mode == "lisa")
+
+
+def schedule_for(partition: Partition, config: BAdamConfig) -> BlockSchedule:
+    """The schedule of `config` over `partition` (refuses lisa_layers above the number of blocks)."""
+    return BlockSchedule(
+        len(partition), config.schedule,
+        sample_size=config.lisa.lisa_layers if config.mode == "lisa" else None,
+        every_block=config.mode == "ratio",
+    )
 
 
 class BlockOptimizer(torch.optim.Optimizer):
@@ -146,8 +168,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         check_model(model)
         self.model = model
         self.config = config
-        self.partition = partition if partition is not None else partition_model(model, config.partition)
-        self.schedule = BlockSchedule(len(self.partition), config.schedule)
+        self.mode = config.mode
+        self.partition = partition if partition is not None else partition_for(model, config)
+        self.schedule = schedule_for(self.partition, config)
 
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._names: list[str] = list(self._params)
@@ -161,9 +184,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._grad_hooks: dict[str, RemovableHandle] = {}
         self._grad_buffers: dict[str, torch.Tensor] | None = None  # name -> fp32 gradient view, one buffer
         self._pending: set[str] = set()  # names whose fp32 gradient sits in the buffer, not yet on a master
+        self._selection: dict[str, Any] = {}  # mode ratio: name -> the entries trained this period
+        self._inactive: list[str] = []  # inactive_update: frozen-for-Adam names that take BREAD's step
+        self._inactive_hooks: dict[str, RemovableHandle] = {}
+        self._boundary_checks: OrderedDict[int, Callable[[], bool]] = OrderedDict()
         self._driver = None
         self.global_step = 0
-        self.active_block: int = self.schedule.block_at(0)
+        self.active_blocks: tuple[int, ...] = self.schedule.active_at(0)
+        self.active_block: int = self.active_blocks[0]
 
         # Freeze everything; _activate unfreezes the active block.
         for p in self._params.values():
@@ -196,7 +224,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         # remove itself while torch iterates over the hooks, so it stays and returns at once afterwards.)
         self._stepped = False
         self.register_step_pre_hook(lambda opt, args, kwargs: self._bind_at_first_step())
-        self._activate(self.active_block, fresh=True)
+        self._activate(self.active_blocks, fresh=True)
         for hook in list(BlockOptimizer._init_hooks.values()):
             hook(self)
 
@@ -208,7 +236,24 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     @property
     def active_block_name(self) -> str:
-        return self.partition.blocks[self.active_block].name
+        """The active block's name (mode lisa: the sampled blocks' names joined by '+'; mode ratio: 'all')."""
+        return self.blocks_name(self.active_blocks)
+
+    def blocks_name(self, blocks) -> str:
+        if self.mode == "ratio":
+            return "all"
+        return "+".join(self.partition.blocks[b].name for b in blocks)
+
+    @property
+    def inactive_names(self) -> list[str]:
+        """Names that take `inactive_update`'s stateless step in the current block (empty without it)."""
+        return list(self._inactive)
+
+    @property
+    def selections(self) -> MappingProxyType:
+        """Mode ratio: name -> the entries of its flattened (local) tensor trained in this period (a slice or
+        an index tensor); always-active names are absent (they train whole)."""
+        return MappingProxyType(self._selection)
 
     @property
     def trainable_names(self) -> list[str]:
@@ -262,7 +307,9 @@ class BlockOptimizer(torch.optim.Optimizer):
                     if p.grad is not None)
         if self._grad_buffers is not None:
             grads += sum(v.numel() * v.element_size() for v in self._grad_buffers.values())
-        return {"masters": masters, "optimizer_state": state, "grads": grads}
+        # Mode ratio, mask_mode scatter: the index tensors of the selected entries (4 bytes per entry).
+        selections = sum(s.numel() * s.element_size() for s in self._selection.values() if torch.is_tensor(s))
+        return {"masters": masters, "optimizer_state": state, "grads": grads, "selections": selections}
 
     # --- extension points -----------------------------------------------------------------------------
 
@@ -274,6 +321,16 @@ class BlockOptimizer(torch.optim.Optimizer):
     def register_grad_keep_check(self, check: Callable[[], bool]) -> RemovableHandle:
         handle = RemovableHandle(self._grad_keep_checks)
         self._grad_keep_checks[handle.id] = check
+        return handle
+
+    def register_boundary_check(self, check: Callable[[], bool]) -> RemovableHandle:
+        """`check()` -> True during the backward of the last micro-batch before an optimizer step (HF's
+        `accelerator.sync_gradients`). `inactive_update` applies its step in that backward; in the earlier
+        micro-batches the inactive gradients accumulate on the parameters. Without any check every backward
+        counts as the last one (a loop without gradient accumulation); a plain loop with accumulation registers
+        `lambda: (micro_batch + 1) % accumulation == 0`. Gradients still waiting at `step()` are applied there."""
+        handle = RemovableHandle(self._boundary_checks)
+        self._boundary_checks[handle.id] = check
         return handle
 
     def attach_driver(self, driver) -> RemovableHandle:
@@ -297,6 +354,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             self._drop_grad_hook(name)
         self._grad_buffers = None
         self._pending.clear()
+        self._set_inactive([])
 
     def sync_hyperparameters(self) -> None:
         """Copy lr, betas, ... from the outer groups (which LR schedulers change) into the inner optimizer's."""
@@ -311,12 +369,16 @@ class BlockOptimizer(torch.optim.Optimizer):
         """What the inner optimizer updates for `name`: its fp32 master, or the parameter itself."""
         return self._masters.get(name, self._params[name])
 
-    def _activate(self, block: int, fresh: bool = False) -> None:
-        new = list(self.partition.blocks[block].param_names) + list(self.partition.always_active)
+    def _activate(self, blocks: tuple[int, ...], fresh: bool = False) -> None:
+        blocks = tuple(blocks)
+        always = set(self.partition.always_active)
+        new = [n for b in blocks for n in self.partition.blocks[b].param_names] + list(self.partition.always_active)
         new_set = set(new)
         for name in self._trainable:
-            if name in new_set and not fresh:
+            if name in always and name in new_set and not fresh:
                 continue  # always-active parameters keep their master and moments across switches
+            # Everything else starts afresh, also a block drawn again (mode lisa) or one whose mask moved
+            # (mode ratio): its old moments belong to other coordinates or to a stale point.
             self.inner.state.pop(self._target(name), None)
             self._masters.pop(name, None)
             self._drop_grad_hook(name)
@@ -328,6 +390,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._pending.clear()
         self._master_buffers = [b for b in self._master_buffers if all(n in self._masters for n in b.names)]
         self._trainable = new
+        self._selection = self._select(new) if self.mode == "ratio" else {}
         for name in new:
             self._params[name].requires_grad_(True)
             if name not in self._grad_hooks and self._hooks_grads(name):
@@ -335,10 +398,88 @@ class BlockOptimizer(torch.optim.Optimizer):
                     functools.partial(self._take_grad, name)
                 )
         self._set_groups()
-        self.active_block = block
-        self.truncation.update(new)
+        self.active_blocks = blocks
+        self.active_block = blocks[0]
+        self._set_inactive(self._inactive_scope(new) if self.config.inactive.enabled else [])
+        self.truncation.update(new + self._inactive)
         for hook in list(self._switch_hooks.values()):
             hook(self)
+
+    def _select(self, names: list[str]) -> dict[str, Any]:
+        """Mode ratio: the entries each block parameter trains in the current period (always-active ones train
+        whole). A pure function of (seed, period, parameter index): ranks and resumed runs agree."""
+        cfg, always = self.config.ratio, set(self.partition.always_active)
+        period = self.schedule.period(self.global_step)
+        out = {}
+        for name in names:
+            if name in always:
+                continue
+            t = local_shard(self._params[name].detach())
+            out[name] = select_entries(t.numel(), cfg.update_ratio, cfg.mask_mode, self.config.schedule.seed,
+                                       period, self._index[name], device=t.device)
+        return out
+
+    # --- BREAD: a stateless step for the parameters Adam does not train, inside the backward ------------
+
+    def _inactive_scope(self, active: list[str]) -> list[str]:
+        """`inactive_scope=all`: every other parameter. `above`: those whose backward runs anyway, i.e. at or
+        above the lowest active position (input side < layers 0..L-1 < output side), so the truncation holds."""
+        active_set = set(active)
+        rest = [n for n in self._names if n not in active_set]
+        if self.config.inactive.inactive_scope == "all":
+            return rest
+        part = self.partition
+        top = len(part.stacks[0].layers) if part.stacks else 0
+
+        def position(name: str) -> int:
+            if name in part.input_side:
+                return -1
+            return part.layer_of.get(name, top)
+
+        lowest = min((position(n) for n in active), default=top)
+        return [n for n in rest if position(n) >= lowest]
+
+    def _set_inactive(self, names: list[str]) -> None:
+        keep = set(names)
+        for name in list(self._inactive_hooks):
+            if name not in keep:
+                self._inactive_hooks.pop(name).remove()
+                p = self._params[name]
+                p.grad = None
+                if name not in self._trainable:
+                    p.requires_grad_(False)
+        self._inactive = list(names)
+        for name in names:
+            p = self._params[name]
+            p.requires_grad_(True)
+            if name not in self._inactive_hooks:
+                self._inactive_hooks[name] = p.register_post_accumulate_grad_hook(
+                    functools.partial(self._inactive_grad, name))
+
+    def _at_boundary(self) -> bool:
+        checks = list(self._boundary_checks.values())
+        return all(check() for check in checks) if checks else True
+
+    def _inactive_grad(self, name: str, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of an inactive parameter: in the last micro-batch's backward, take the step
+        on the whole accumulated gradient and free it (earlier micro-batches leave it accumulating)."""
+        if p.grad is not None and self._at_boundary():
+            self._inactive_step(name, p)
+
+    @torch.no_grad()
+    def _inactive_step(self, name: str, p: torch.Tensor) -> None:
+        cfg = self.config.inactive
+        # The lr the step about to happen uses (LR schedulers move the outer groups after each step).
+        lr = self.param_groups[0 if name in self._decay else 1]["lr"] * cfg.inactive_lr_scale
+        g = p.grad
+        p.grad = None
+        p.add_(g.sign_() if cfg.inactive_update == "signsgd" else g, alpha=-lr)
+
+    def _apply_waiting_inactive(self) -> None:
+        for name in self._inactive:
+            p = self._params[name]
+            if p.grad is not None:
+                self._inactive_step(name, p)
 
     def _set_groups(self) -> None:
         # Keep the two group dicts (and their list objects): LR schedulers hold on to them.
@@ -348,7 +489,8 @@ class BlockOptimizer(torch.optim.Optimizer):
             self.inner.param_groups[gi]["params"][:] = [self._target(n) for n in names]
 
     def _needs_master(self, name: str) -> bool:
-        return self._driver is None and needs_master(self._params[name])
+        # Mode ratio: the selected entries always get a plain fp32 copy (the inner optimizer's tensors).
+        return self._driver is None and (name in self._selection or needs_master(self._params[name]))
 
     def _materialize_masters(self) -> None:
         """Make the fp32 masters that the active parameters lack, as views of one buffer (one allocation,
@@ -359,11 +501,19 @@ class BlockOptimizer(torch.optim.Optimizer):
         if missing:
             # The always-active parameters' masters outlive the block's: a buffer of their own.
             always = set(self.partition.always_active)
-            for group in ([n for n in missing if n in always], [n for n in missing if n not in always]):
+            gathered = [n for n in missing if torch.is_tensor(self._selection.get(n))]
+            rest = [n for n in missing if n not in always and n not in set(gathered)]
+            for group in ([n for n in missing if n in always], rest):
                 if group:
-                    buf = MasterBuffer(group, [self._params[n] for n in group])
+                    # A slice selection (mode ratio, adjacent) is a view of the weights: held like a weight.
+                    buf = MasterBuffer(group, [selected(self._params[n], self._selection.get(n)) for n in group])
                     self._master_buffers.append(buf)
                     self._masters.update(zip(group, buf.masters))
+            if gathered:
+                buf = GatheredMasters(gathered, [self._params[n] for n in gathered],
+                                      [self._selection[n] for n in gathered])
+                self._master_buffers.append(buf)
+                self._masters.update(zip(gathered, buf.masters))
             self._set_groups()
         for buf in self._master_buffers:
             buf.join()
@@ -383,7 +533,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             for m in buf.masters:
                 m.grad = None
         self._grad_buffers = None  # freed before the split's temporaries are made
-        self._store_masters(block_ends=self.schedule.block_at(self.global_step + 1) != self.active_block)
+        self._store_masters(block_ends=self.schedule.switches_at(self.global_step + 1))
 
     def _store_masters(self, block_ends: bool = False) -> None:
         """Write the masters (rounded) into the weights. With `split_masters`, a bf16 buffer keeps only the
@@ -395,7 +545,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             if self.config.split_masters and buf.can_split and lives_on:
                 buf.split()
             else:
-                masters_to_params(buf.params, buf.masters)
+                buf.store()
 
     def _master_value(self, name: str) -> torch.Tensor:
         """The fp32 master of `name` as a tensor with memory (a rebuilt copy while its buffer is split)."""
@@ -421,7 +571,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         gradient after a step and freed at the next step."""
         if self._grad_buffers is None:
             names = [n for n in self._trainable if self._needs_master(n)]
-            self._grad_buffers = dict(zip(names, flat_like([self._params[n] for n in names])))
+            templates = [selection_template(self._params[n], self._selection.get(n)) for n in names]
+            self._grad_buffers = dict(zip(names, flat_like(templates)))
         return self._grad_buffers[name]
 
     @torch.no_grad()
@@ -435,7 +586,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         keep = any(check() for check in list(self._grad_keep_checks.values()))
         if keep and acc is None:
             return  # nothing accumulated in fp32: the engine reduces the gradient as autograd made it
-        g = local_shard(p.grad)
+        sel = self._selection.get(name)
+        g = selected(p.grad, sel)  # mode ratio: only the selected entries go up to fp32
         if acc is None:
             acc = self._grad_buffer(name).copy_(g)
             self._pending.add(name)
@@ -443,7 +595,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             acc.add_(g)
         if keep:
             # The engine reduces p.grad in this backward (DDP's sync pass): hand it the whole sum, rounded once.
-            g.copy_(acc)
+            write_selected(p.grad, sel, acc)
             self._pending.discard(name)
             if master is not None:
                 master.grad = None
@@ -470,6 +622,8 @@ class BlockOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none=set_to_none)
+        for name in self._inactive:  # not in the param groups: dropped like the trained ones
+            self._params[name].grad = None
         for master in self._masters.values():
             if master.grad is not None:
                 if set_to_none:
@@ -486,14 +640,13 @@ class BlockOptimizer(torch.optim.Optimizer):
     def advance(self) -> None:
         """Count one successful optimizer step; activate the next block when this one has had its K steps."""
         self.global_step += 1
-        nxt = self.schedule.block_at(self.global_step)
-        if nxt != self.active_block:
-            self._activate(nxt)
+        if self.schedule.switches_at(self.global_step):
+            self._activate(self.schedule.active_at(self.global_step))
 
     def seek(self, step: int) -> None:
         """Jump the schedule to `step` optimizer steps done, with fresh state for the block active there."""
         self.global_step = int(step)
-        self._activate(self.schedule.block_at(self.global_step), fresh=True)
+        self._activate(self.schedule.active_at(self.global_step), fresh=True)
 
     # --- parameters replaced by an engine (accelerate's FSDP2 prepare) ------------------------------
 
@@ -532,7 +685,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._params = {n: current[n] for n in self._names}
         for p in self._params.values():
             p.requires_grad_(False)
-        self._activate(self.active_block, fresh=True)
+        self._inactive_hooks.clear()  # their hooks went with the old parameters
+        self._activate(self.active_blocks, fresh=True)
         return True
 
     def _bind_at_first_step(self) -> None:
@@ -555,13 +709,15 @@ class BlockOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._attach_master_grads()
+        self._apply_waiting_inactive()
         names = [n for n in self._trainable if n in self._masters]
         params = [self._params[n] for n in names]
         masters = [self._masters[n] for n in names]
         self.sync_hyperparameters()
         # Gradients still on the parameters (bf16 accumulation, or what an engine reduced) join the fp32 ones.
         if any(p.grad is not None for p in params):
-            grads_to_masters(params, masters, [self._grad_buffer(n) for n in names])
+            grads_to_masters(params, masters, [self._grad_buffer(n) for n in names],
+                             [self._selection.get(n) for n in names])
         self.inner.step()
         self._write_back()
         self.advance()
@@ -609,8 +765,20 @@ class BlockOptimizer(torch.optim.Optimizer):
             "block_names": self.partition.names,
             "inner_optimizer": type(self.inner).__name__,
             "shards": self._shards(),
+            "mode": self.mode,
+            "active_blocks": list(self.active_blocks),
+            "mode_settings": self._mode_settings(),
         }
         return {"state": state, "param_groups": groups, "badam": badam}
+
+    def _mode_settings(self) -> dict[str, Any]:
+        """What the saved masters' and moments' shapes depend on besides the partition (a resume must match)."""
+        out: dict[str, Any] = {}
+        if self.mode == "ratio":
+            out.update(update_ratio=self.config.ratio.update_ratio, mask_mode=self.config.ratio.mask_mode)
+        if self.mode == "lisa":
+            out["lisa_layers"] = self.config.lisa.lisa_layers
+        return out
 
     def _shards(self) -> int:
         """How many ranks the saved state is split over: the world size for sharded parameters, else 1."""
@@ -648,13 +816,16 @@ class BlockOptimizer(torch.optim.Optimizer):
                 "model and partition settings."
             )
         for key, mine in (
+            ("mode", self.mode),
+            ("mode_settings", self._mode_settings()),
             ("switch_every", self.schedule.switch_every),
             ("switch_mode", self.schedule.mode),
             ("seed", self.config.schedule.seed),
         ):
-            if badam[key] != mine:
+            saved = badam.get(key, {"mode": "layer", "mode_settings": {}}.get(key))  # older checkpoints: layer mode
+            if saved != mine:
                 raise CheckpointMismatchError(
-                    f"the checkpoint was saved with {key}={badam[key]!r} but this run has {key}={mine!r}."
+                    f"the checkpoint was saved with {key}={saved!r} but this run has {key}={mine!r}."
                 )
         if badam.get("shards", 1) != self._shards():
             raise CheckpointMismatchError(
@@ -668,7 +839,8 @@ class BlockOptimizer(torch.optim.Optimizer):
                 f"the checkpoint's active block {badam['block']} does not follow from its step {step} under this "
                 "run's schedule; resume with the same start_block and switch settings."
             )
-        will_train = set(self.partition.blocks[block].param_names) | set(self.partition.always_active)
+        will_train = {n for b in self.schedule.active_at(step) for n in self.partition.blocks[b].param_names}
+        will_train |= set(self.partition.always_active)
         stray = [i for i in state_dict["state"] if self._names[int(i)] not in will_train]
         if stray:
             raise CheckpointMismatchError(

@@ -148,8 +148,11 @@ def _match_entry(entry: str, names: list[str]) -> list[str]:
     return [n for n in names if pattern.fullmatch(n)]
 
 
-def partition_model(model: nn.Module, config: PartitionConfig | None = None) -> Partition:
-    """Split `model`'s parameters into blocks according to `config` (see `PartitionConfig`)."""
+def partition_model(model: nn.Module, config: PartitionConfig | None = None,
+                    outside_blocks_active: bool = False) -> Partition:
+    """Split `model`'s parameters into blocks according to `config` (see `PartitionConfig`).
+    `outside_blocks_active` (mode lisa): with `always_active` unset, everything outside the blocks (the
+    embeddings, final norm and LM head of a decoder; the pooler and task head of an encoder) trains always."""
     config = config or PartitionConfig()
     params = named_parameters(model)
     names = list(params)
@@ -194,7 +197,10 @@ def partition_model(model: nn.Module, config: PartitionConfig | None = None) -> 
             blocks.insert(0, Block("embedding", emb))
 
     # Always-active modules: explicit prefixes, or the task head found by name.
-    if config.always_active is None:
+    if config.always_active is None and outside_blocks_active:
+        in_any = {n for b in blocks for n in b.param_names}
+        always_prefixes = [n for n in names if n not in in_any]
+    elif config.always_active is None:
         always_prefixes = [
             mpath for mpath, _ in model.named_modules()
             if mpath.split(".")[-1] in TASK_HEAD_NAMES and not any(_under(mpath, s.path) for s in stacks)

@@ -22,6 +22,7 @@ __all__ = [
     "engine_from_environment",
     "unsupported_engine",
     "DistributedSetupError",
+    "check_mode_supported",
     "check_same_block",
     "detach_sync",
     "engine_of",
@@ -140,15 +141,38 @@ class _NoHandle:
 
 
 def check_same_block(opt, group=None) -> None:
-    """All ranks must train the same block; a mismatch (e.g. different seeds) would hang or diverge."""
+    """All ranks must train the same block(s) (and, in mode ratio, draw the same masks: same step and seed);
+    a mismatch (e.g. different seeds) would hang or diverge."""
     device = local_device(opt, group)
-    t = torch.tensor([opt.active_block, -opt.active_block], dtype=torch.int64, device=device)
+    mine = [opt.global_step, opt.config.schedule.seed, len(opt.active_blocks), *opt.active_blocks]
+    n = torch.tensor([len(mine)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(n, op=torch.distributed.ReduceOp.MAX, group=group)
+    padded = mine + [-1] * (int(n) - len(mine))
+    t = torch.tensor(padded + [-v for v in padded], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
-    if int(t[0]) != -int(t[1]):
+    high, low = t[: len(padded)].tolist(), [-v for v in t[len(padded):].tolist()]
+    if high != low:
+        here = opt.active_block if len(opt.active_blocks) == 1 else list(opt.active_blocks)
         raise DistributedSetupError(
-            f"the ranks train different blocks (this rank: {opt.active_block}, range over ranks: "
-            f"{-int(t[1])}..{int(t[0])}); give every rank the same BAdam settings (switch_mode, seed, "
-            "start_block) and the same step count."
+            f"the ranks train different blocks (this rank: {here} at step {opt.global_step}; "
+            f"[step, seed, count, blocks...] ranges over ranks from {low} to {high}); give every rank the same "
+            "BAdam settings (mode, switch_mode, seed, start_block) and the same step count."
+        )
+
+
+def check_mode_supported(opt, engine: str) -> None:
+    """Refuse, before training, what an engine cannot run: BREAD's in-backward step anywhere distributed (each
+    rank would step its inactive layers with its own unreduced gradient), and modes ratio/lisa under ZeRO-3."""
+    if opt.config.inactive.enabled:
+        raise DistributedSetupError(
+            f"inactive_update={opt.config.inactive.inactive_update!r} is not supported under {engine}: the inactive "
+            "layers take their step inside the backward, from this rank's own gradient, before any all-reduce, so "
+            "the replicas would drift apart. Train with inactive_update=none, or in one process."
+        )
+    if engine.startswith("DeepSpeed") and opt.mode != "layer":
+        raise DistributedSetupError(
+            f"mode={opt.mode!r} is not supported under DeepSpeed ZeRO-3 (ZeRO-3 owns the masters of whole "
+            "parameters); use mode=layer there, or DDP / FSDP2 for modes ratio and lisa."
         )
 
 
@@ -187,6 +211,7 @@ def install_sync(opt: BlockOptimizer, sync):
     by a second train() call), and run it once now for the block that is active. A sync with a
     `keeps_grads()` method is also registered as the optimizer's grad-keep check (see
     `BlockOptimizer.register_grad_keep_check`)."""
+    check_mode_supported(opt, getattr(sync, "engine", type(sync).__name__))
     detach_sync(opt)
     sync(opt)
     handles = [opt.register_switch_hook(sync)]

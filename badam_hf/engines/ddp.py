@@ -82,8 +82,11 @@ def _check_ddp_internals(ddp) -> None:
 class DDPBlockSync:
     """Switch hook that rebuilds a DDP wrapper's reducer over the currently trainable parameters."""
 
+    engine = "DDP"
+
     def __init__(self, ddp, check_agreement: bool = True):
         self.ddp = ddp
+        self._registered: tuple[int, ...] | None = None  # ids of the parameters the reducer was built over
         self.check_agreement = check_agreement
         self.rebuilds = 0
         self.last_rebuild_ms = 0.0
@@ -124,7 +127,10 @@ class DDPBlockSync:
     def __call__(self, opt) -> None:
         if self.check_agreement and torch.distributed.is_initialized() and world_size() > 1:
             check_same_block(opt, self.ddp.process_group)
-        self.rebuild()
+        trainable = tuple(id(p) for p in self.ddp.module.parameters() if p.requires_grad)
+        if trainable != self._registered:  # mode ratio keeps every matrix trainable: nothing to rebuild
+            self.rebuild()
+            self._registered = trainable
 
 
 def attach_ddp(ddp_module, optimizer, check_agreement: bool = True) -> DDPBlockSync:

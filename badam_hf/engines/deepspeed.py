@@ -63,6 +63,7 @@ from .common import (
     check_same_block,
     detach_sync,
     engine_sync,
+    check_mode_supported,
     install_sync,
     require_block_optimizer,
     world_size,
@@ -552,6 +553,7 @@ def attach_deepspeed(engine, optimizer, check_agreement: bool = True) -> DeepSpe
             "sure the DeepSpeed config has no \"optimizer\" block."
         )
     _check_internals(zero_opt)
+    check_mode_supported(opt, "DeepSpeed ZeRO-3")
     if opt.partition.always_active:
         raise DistributedSetupError(
             f"always-active parameters ({opt.partition.always_active[0]!r}, ...) are not supported under DeepSpeed "

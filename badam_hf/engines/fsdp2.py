@@ -85,6 +85,8 @@ def check_fsdp2_internals(model: nn.Module) -> None:
 class FSDP2BlockSync:
     """Switch hook: all ranks agree on the block, then every FSDP group re-derives its dtypes."""
 
+    engine = "FSDP2"
+
     def __init__(self, model: nn.Module, check_agreement: bool = True):
         self.model = model
         self.check_agreement = check_agreement

@@ -14,9 +14,7 @@ import weakref
 from transformers import Trainer, TrainerCallback
 
 from ..core.config import BAdamConfig
-from ..core.optimizer import BlockOptimizer, check_model, unwrap_optimizer
-from ..core.partition import partition_model
-from ..core.schedule import BlockSchedule
+from ..core.optimizer import BlockOptimizer, check_model, partition_for, schedule_for, unwrap_optimizer
 from ..engines.dispatch import attach_wrapped_model, check_training_args
 
 
@@ -56,6 +54,12 @@ class BAdamCallback(TrainerCallback):
                 # may build a new one).
                 opt.register_grad_keep_check(lambda: True)
                 self._scaler_kept = opt
+            if opt.config.inactive.enabled and getattr(self, "_boundary_for", None) is not opt:
+                # BREAD's in-backward step belongs to the last micro-batch of each optimizer step: the Trainer
+                # says which one that is (it sets sync_gradients before that micro-batch's backward).
+                accelerator = trainer.accelerator
+                opt.register_boundary_check(lambda: bool(accelerator.sync_gradients))
+                self._boundary_for = opt
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer)
@@ -63,8 +67,11 @@ class BAdamCallback(TrainerCallback):
             return
         # The block that took the latest optimizer step, i.e. the one whose training this log reports. (The
         # optimizer has already switched to the next block inside that step when a block just finished.)
-        block = opt.schedule.block_at(opt.global_step - 1) if opt.global_step > 0 else opt.active_block
-        extra = {"badam/active_block": block, "badam/active_block_name": opt.partition.blocks[block].name}
+        blocks = opt.schedule.active_at(max(opt.global_step - 1, 0))
+        if opt.mode == "ratio":  # every block trains; what moves is the masks, once per period
+            extra = {"badam/mask_period": opt.schedule.period(max(opt.global_step - 1, 0))}
+        else:  # mode lisa: the lowest sampled block, and all of their names
+            extra = {"badam/active_block": blocks[0], "badam/active_block_name": opt.blocks_name(blocks)}
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
@@ -92,8 +99,8 @@ class BAdamMixin:
         check_training_args(self.args)
         # Fail now, before any data is touched by train(): bad model, bad partition, bad start block.
         check_model(self.model)
-        self._badam_partition = (self.model, partition_model(self.model, badam_config.partition))
-        BlockSchedule(len(self._badam_partition[1]), badam_config.schedule)
+        self._badam_partition = (self.model, partition_for(self.model, badam_config))
+        schedule_for(self._badam_partition[1], badam_config)
         ensure_badam_callback(self)
 
     def create_optimizer(self, model=None):
