@@ -32,11 +32,11 @@ class BlockRecorder(TrainerCallback):
         self.blocks[state.global_step] = unwrap_optimizer(optimizer).active_block
 
 
-def make_trainer(tiny_llama, out, dtype, max_steps=MAX, model_seed=0):
+def make_trainer(tiny_llama, out, dtype, max_steps=MAX, model_seed=0, optim_args=OPTIM_ARGS):
     args = TrainingArguments(
         output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-2,
         lr_scheduler_type="cosine", warmup_steps=2, weight_decay=0.1, save_strategy="steps", save_steps=SAVE,
-        report_to="none", use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0, optim_args=OPTIM_ARGS,
+        report_to="none", use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0, optim_args=optim_args,
     )
     rec = BlockRecorder()
     model = tiny_llama(dtype=dtype, seed=model_seed, attention_dropout=0.0)
@@ -106,3 +106,42 @@ def test_resume_without_optimizer_state_seeks_the_schedule(full_run, tmp_path, t
     # The block (and its remaining steps) follows from the step count even without the optimizer state.
     assert rec.blocks == {s: full_rec.blocks[s] for s in range(SAVE, SAVE + 3)}
     assert unwrap_optimizer(resumed.optimizer).global_step == SAVE + 3
+
+
+MODES = {
+    "ratio_adjacent": f"mode=ratio,update_ratio=0.1,mask_mode=adjacent,switch_every={K},seed=7",
+    "ratio_scatter": f"mode=ratio,update_ratio=0.1,mask_mode=scatter,switch_every={K},seed=7",
+    "lisa": f"mode=lisa,lisa_layers=2,switch_every={K},seed=7",
+    "layer_bread": f"switch_every={K},seed=7,inactive_update=sgd,inactive_lr_scale=2",
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_every_mode_resumes_mid_period_bit_exact(mode, tmp_path, tiny_llama):
+    """bf16 weights, checkpoint one step into the second period (masks, sample or block mid-way; ratio's
+    masters of the selected entries and moments in the checkpoint): the resumed run ends bit-identical."""
+    full, _ = make_trainer(tiny_llama, tmp_path / "full", torch.bfloat16, optim_args=MODES[mode])
+    full.train()
+    resumed, _ = make_trainer(tiny_llama, tmp_path / "resumed", torch.bfloat16, model_seed=1, optim_args=MODES[mode])
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / f"checkpoint-{SAVE}"))
+    sd = torch.load(tmp_path / "full" / f"checkpoint-{SAVE}" / "optimizer.pt", weights_only=True)
+    assert sd["badam"]["mode"] == {"lisa": "lisa", "layer_bread": "layer"}.get(mode, "ratio")
+    assert any("master" in e for e in sd["state"].values())  # mid-period: the masters were saved
+    full_params = dict(full.model.named_parameters())
+    initial = dict(tiny_llama(dtype=torch.bfloat16, seed=0, attention_dropout=0.0).named_parameters())
+    assert any(not torch.equal(p, initial[n]) for n, p in full_params.items())
+    for n, p in resumed.model.named_parameters():
+        assert torch.equal(p, full_params[n]), n
+
+
+def test_a_checkpoint_of_another_mode_is_refused(tmp_path, tiny_llama):
+    from badam_hf import BlockOptimizer
+    from badam_hf.core.errors import CheckpointMismatchError
+
+    model = tiny_llama()
+    ratio = BlockOptimizer(model, mode="ratio", update_ratio=0.1)
+    sd = ratio.state_dict()
+    with pytest.raises(CheckpointMismatchError, match=r"saved with mode='ratio' but this run has mode='layer'"):
+        BlockOptimizer(model).load_state_dict(sd)
+    with pytest.raises(CheckpointMismatchError, match=r"mode_settings=.*0.1.*this run has mode_settings=.*0.2"):
+        BlockOptimizer(model, mode="ratio", update_ratio=0.2).load_state_dict(sd)

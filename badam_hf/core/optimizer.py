@@ -42,7 +42,7 @@ from .masters import (
 )
 from .partition import Partition, partition_model
 from .schedule import BlockSchedule
-from .selection import GatheredMasters, select_entries, selection_template
+from .selection import GatheredMasters, local_range, localize, select_entries, selection_template
 
 STATE_VERSION = 1
 
@@ -414,9 +414,13 @@ class BlockOptimizer(torch.optim.Optimizer):
         for name in names:
             if name in always:
                 continue
-            t = local_shard(self._params[name].detach())
-            out[name] = select_entries(t.numel(), cfg.update_ratio, cfg.mask_mode, self.config.schedule.seed,
-                                       period, self._index[name], device=t.device)
+            # Drawn over the whole tensor, then cut to this rank's shard (FSDP2): the masks do not depend on
+            # the number of ranks, and a sharded run trains the entries one process would.
+            p = self._params[name].detach()
+            start, count = local_range(p)
+            whole = select_entries(p.numel(), cfg.update_ratio, cfg.mask_mode, self.config.schedule.seed,
+                                   period, self._index[name], device=local_shard(p).device)
+            out[name] = localize(whole, start, count, p.numel())
         return out
 
     # --- BREAD: a stateless step for the parameters Adam does not train, inside the backward ------------

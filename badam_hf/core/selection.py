@@ -48,6 +48,40 @@ def select_entries(numel: int, ratio: float, mask_mode: str, seed: int, period: 
     return idx.to(device=device, dtype=torch.int32 if numel < 2**31 else torch.int64)
 
 
+def local_range(param: torch.Tensor) -> tuple[int, int]:
+    """(first flat index, element count) of this rank's shard of `param` within the whole flattened tensor;
+    (0, numel) for a plain tensor. FSDP2 shards row-wise (dim 0), so the local shard is one flat range."""
+    from .masters import is_sharded
+
+    if not is_sharded(param):
+        return 0, param.numel()
+    local = param.to_local()
+    if local.numel() == 0:
+        return 0, 0
+    try:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        _, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    except (ImportError, AttributeError, TypeError):  # older torch: torch.chunk's row split, as fully_shard does
+        rows = math.ceil(param.shape[0] / param.device_mesh.size())
+        offset = (rows * param.device_mesh.get_local_rank(),)
+    if any(o != 0 for o in offset[1:]) or any(type(pl).__name__ not in ("Shard", "Replicate") for pl in param.placements):
+        raise NotImplementedError(f"mode ratio needs row-wise shards (Shard(0)); this parameter has {param.placements}.")
+    return offset[0] * (param.numel() // param.shape[0]), local.numel()
+
+
+def localize(sel: Selection, start: int, count: int, numel: int) -> Selection:
+    """A selection over the whole flattened tensor, restricted to the shard [start, start + count) and
+    expressed in the shard's own indices (the whole tensor when start=0 and count=numel)."""
+    if start == 0 and count == numel:
+        return sel
+    if isinstance(sel, slice):
+        a, b = max(sel.start, start), min(sel.stop, start + count)
+        return slice(a - start, max(a, b) - start)
+    keep = (sel >= start) & (sel < start + count)
+    return (sel[keep] - start).to(sel.dtype)
+
+
 def selection_template(param: torch.Tensor, sel: Selection | None) -> torch.Tensor:
     """A tensor shaped like the selected entries of `param`, without memory of its own (for `flat_like`)."""
     t = local_shard(param.detach())
