@@ -99,6 +99,32 @@ def test_ddp_without_attach_diverges(ddp_out):
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("scenario", ["ratio", "lisa"])
+def test_ddp_ratio_and_lisa_ranks_identical_after_period_changes(ddp_out, scenario, tiny_llama):
+    """Modes ratio and lisa under DDP: both ranks end bit-identical and equal to one process averaging their
+    gradients by hand, through two period changes (new masks / new samples at steps 2 and 4)."""
+    r0, r1, ref = load(ddp_out, f"{scenario}_rank0"), load(ddp_out, f"{scenario}_rank1"), load(ddp_out, f"{scenario}_ref")
+    assert same(r0, r1) and same(r0, ref)
+    initial = {n: p.detach() for n, p in tiny_llama().named_parameters()}
+    assert not same(r0, initial)
+    for rank in (0, 1):
+        info = read(ddp_out, f"{scenario}_rank{rank}")
+        records = info["records"]
+        if scenario == "ratio":
+            assert info["rebuilds"] == 1  # the reducer built at attach covers every step
+            assert all(set(r["trainable"]) == set(records[0]["trainable"]) for r in records)
+            assert all(n.startswith("model.layers.") for r in records for n in r["changed"])
+        else:
+            samples = [tuple(r["blocks"]) for r in records]
+            assert samples[0::2] == samples[1::2] and len(set(samples[0::2])) >= 2  # a new draw every 2 steps
+            for r in records:
+                layers = {int(n.split(".")[2]) for n in r["changed"] if n.startswith("model.layers.")}
+                assert layers == set(r["blocks"])
+                assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(r["changed"])
+            assert info["rebuilds"] == 1 + sum(a != b for a, b in zip(samples, samples[1:])) + 1
+
+
+@pytest.mark.multiprocess
 def test_step_guard_refuses_unattached_multi_process(ddp_out):
     for rank in (0, 1):
         res = read(ddp_out, f"guard_rank{rank}")
@@ -107,6 +133,7 @@ def test_step_guard_refuses_unattached_multi_process(ddp_out):
             assert "attach_ddp" in res[case]
             assert res[case + "_unchanged"]
         assert "the ranks train different blocks" in res["mismatch"] and f"this rank: {rank}" in res["mismatch"]
+        assert res["bread"] is not None and "inactive_update='sgd' is not supported under DDP" in res["bread"]
 
 
 # --- Hugging Face Trainer under torchrun -----------------------------------------------------------

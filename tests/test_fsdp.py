@@ -36,7 +36,7 @@ def layer_numel(tiny_llama, i: int) -> int:
     return sum(p.numel() for n, p in tiny_llama().named_parameters() if n.startswith(LAYER[i]))
 
 
-@pytest.mark.parametrize("scenario", ["bf16", "ga_gc", "fp32"])
+@pytest.mark.parametrize("scenario", ["bf16", "ga_gc", "fp32", "ratio", "lisa"])
 def test_fsdp2_equals_gradient_averaging_reference(out, scenario, tiny_llama):
     """Sharded training (bf16 weights with fp32 reduction, GA + checkpointing, fp32 weights) ends bit-identical
     to one process that averages the two ranks' gradients by hand (SGD, so the comparison is exact)."""
@@ -63,6 +63,25 @@ def test_only_the_active_block_moves_and_state_is_sharded(out, scenario, tiny_ll
         switches = sum(a != b for a, b in zip(blocks, blocks[1:]))
         # At attach, at every switch, and at the switch the last step triggers (the runs end on a boundary).
         assert rec["refreshes"] == 1 + switches + 1
+
+
+def test_fsdp2_ratio_state_is_the_shards_of_the_selection_and_lisa_follows_samples(out, tiny_llama):
+    """Mode ratio: each rank holds fp32 masters for its rows of the selected entries only (SGD: no moments), and
+    the two ranks' parts add up to the whole selection. Mode lisa: the sampled layers and the outside train."""
+    from badam_hf.core.selection import selection_size
+
+    model = tiny_llama()
+    params = dict(model.named_parameters())
+    in_layers = [n for n in params if n.startswith("model.layers.")]
+    total = sum(selection_size(params[n].numel(), 0.2) for n in in_layers)
+    recs = [read(out, f"ratio_rank{r}")["records"] for r in (0, 1)]
+    for step in range(6):
+        assert recs[0][step]["state_bytes"] + recs[1][step]["state_bytes"] == 4 * total
+        assert 0 < recs[0][step]["state_bytes"] < 4 * total
+    for rank in (0, 1):
+        for r in read(out, f"lisa_rank{rank}")["records"]:
+            layers = {int(n.split(".")[2]) for n in r["changed"] if n.startswith("model.layers.")}
+            assert layers == set(r["blocks"]) and "model.embed_tokens.weight" in r["changed"]
 
 
 def test_sharded_resume_is_bit_exact(out):

@@ -35,6 +35,13 @@ SCENARIOS = [
     # bf16 weights, GA=4 under no_sync(): fp32 accumulation of the micro-batches, one rounding, bf16 all-reduce.
     dict(name="bf16_ga", tag=5, wrap="after", ga=4, gc=None, mode="ascending", steps=10, find_unused=False,
          dtype=torch.bfloat16),
+    # Mode ratio (GA=2): every matrix stays trainable, so the reducer is never rebuilt; the masks move at
+    # steps 2 and 4 identically on both ranks (a pure function of seed, period and parameter).
+    dict(name="ratio", tag=6, wrap="after", ga=2, gc=None, mode=None, steps=6, find_unused=False,
+         opt=dict(mode="ratio", update_ratio=0.2, mask_mode="scatter")),
+    # Mode lisa: two sampled layers plus the embeddings and head; the reducer follows each new sample.
+    dict(name="lisa", tag=7, wrap="after", ga=1, gc=None, mode=None, steps=6, find_unused=False,
+         opt=dict(mode="lisa", lisa_layers=2)),
     # Control without attach_ddp: DDP keeps reducing block 0 only, so the ranks drift apart from block 1 on.
     dict(name="control", tag=4, wrap="after", ga=1, gc=None, mode="ascending", steps=4, find_unused=True, attach=False),
 ]
@@ -45,8 +52,8 @@ def build(sc):
 
 
 def make_opt(model, sc, fp32_grad_accumulation=True):
-    return BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, switch_mode=sc["mode"],
-                          fp32_grad_accumulation=fp32_grad_accumulation)
+    return BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2,
+                          fp32_grad_accumulation=fp32_grad_accumulation, **sc.get("opt", {"switch_mode": sc["mode"]}))
 
 
 def run_ddp(sc, rank, out):
@@ -65,7 +72,7 @@ def run_ddp(sc, rank, out):
     records = []
     for step in range(sc["steps"]):
         before = params_cpu(model)
-        record = {"block": opt.active_block, "trainable": opt.trainable_names}
+        record = {"block": opt.active_block, "blocks": list(opt.active_blocks), "trainable": opt.trainable_names}
         for micro in range(sc["ga"]):
             ids = batch(sc["tag"], step, micro, rank)
             ctx = ddp.no_sync() if micro < sc["ga"] - 1 else contextlib.nullcontext()
@@ -118,6 +125,10 @@ def run_guard(rank, out):
     model = tiny_llama()
     opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, start_block=rank)
     result["mismatch"] = error_of(lambda: attach_ddp(DDP(model), opt), DistributedSetupError)
+    # BREAD's in-backward step cannot be all-reduced: refused when DDP is attached, before any step.
+    model = tiny_llama()
+    opt = BlockOptimizer(model, lr=0.5, inner_optimizer="sgd", switch_every=2, inactive_update="sgd")
+    result["bread"] = error_of(lambda: attach_ddp(DDP(model), opt), DistributedSetupError)
     write_json(os.path.join(out, f"guard_rank{rank}.json"), result)
 
 

@@ -34,6 +34,12 @@ SCENARIOS = [
     dict(name="ga_gc", tag=12, dtype="bf16", reduce="fp32", ga=2, gc=False, mode="random", steps=8),
     # fp32 weights, no mixed precision: local fp32 masters for the DTensor shards.
     dict(name="fp32", tag=13, dtype="fp32", reduce=None, ga=1, gc=None, mode="descending", steps=8),
+    # Mode ratio on shards: masks drawn over the whole tensor and cut to each rank's rows, GA=2.
+    dict(name="ratio", tag=17, dtype="bf16", reduce="fp32", ga=2, gc=None, mode=None, steps=6,
+         opt=dict(mode="ratio", update_ratio=0.2, mask_mode="scatter")),
+    # Mode lisa on shards: two sampled layers plus the (sharded) embeddings, final norm and head.
+    dict(name="lisa", tag=18, dtype="bf16", reduce="fp32", ga=1, gc=None, mode=None, steps=6,
+         opt=dict(mode="lisa", lisa_layers=2)),
 ]
 RESUME = dict(name="resume", tag=14, dtype="bf16", reduce="fp32", ga=1, gc=None, mode="random", steps=9, cut=5)
 # fp32 sharded weights computed in bf16 (accelerate's FSDP2 mixed precision): a group frozen at the first
@@ -57,7 +63,8 @@ def build(sc, shard: bool):
 
 
 def make_opt(model, sc, lr=0.5, inner="sgd"):
-    return BlockOptimizer(model, lr=lr, inner_optimizer=inner, switch_every=2, switch_mode=sc["mode"], seed=3)
+    return BlockOptimizer(model, lr=lr, inner_optimizer=inner, switch_every=2, seed=3,
+                          **sc.get("opt", {"switch_mode": sc["mode"]}))
 
 
 def full_params(model) -> dict[str, torch.Tensor]:
@@ -77,7 +84,7 @@ def train_steps(model, opt, sc, rank, steps, records=None):
         lambda *a: held.update(bytes=opt.memory_bytes()["masters"] + opt.memory_bytes()["optimizer_state"]))
     for step in steps:
         before = full_params(model) if records is not None else None
-        block = opt.active_block
+        block, blocks = opt.active_block, opt.active_blocks
         for micro in range(sc["ga"]):
             last = micro == sc["ga"] - 1
             model.set_requires_gradient_sync(last)  # accumulate locally, reduce-scatter once per step
@@ -89,6 +96,7 @@ def train_steps(model, opt, sc, rank, steps, records=None):
             after = full_params(model)
             records.append({
                 "block": block,
+                "blocks": list(blocks),
                 "changed": [n for n in after if not torch.equal(after[n], before[n])],
                 "state_bytes": held["bytes"],
             })
