@@ -211,7 +211,7 @@ def install_sync(opt: BlockOptimizer, sync):
     by a second train() call), and run it once now for the block that is active. A sync with a
     `keeps_grads()` method is also registered as the optimizer's grad-keep check (see
     `BlockOptimizer.register_grad_keep_check`)."""
-    check_mode_supported(opt, getattr(sync, "engine", type(sync).__name__))
+    check_mode_supported(opt, getattr(sync, "engine_name", type(sync).__name__))
     detach_sync(opt)
     sync(opt)
     handles = [opt.register_switch_hook(sync)]

@@ -82,7 +82,7 @@ def _check_ddp_internals(ddp) -> None:
 class DDPBlockSync:
     """Switch hook that rebuilds a DDP wrapper's reducer over the currently trainable parameters."""
 
-    engine = "DDP"
+    engine_name = "DDP"
 
     def __init__(self, ddp, check_agreement: bool = True):
         self.ddp = ddp

@@ -297,6 +297,8 @@ def _check_engine(engine) -> None:
 class DeepSpeedBlockSync:
     """Switch hook and step counter that keep a ZeRO-3 optimizer on BAdam's active block."""
 
+    engine_name = "DeepSpeed ZeRO-3"
+
     def __init__(self, engine, zero_opt, opt, check_agreement: bool = True):
         self.engine = engine
         self.zero_opt = zero_opt

@@ -85,7 +85,7 @@ def check_fsdp2_internals(model: nn.Module) -> None:
 class FSDP2BlockSync:
     """Switch hook: all ranks agree on the block, then every FSDP group re-derives its dtypes."""
 
-    engine = "FSDP2"
+    engine_name = "FSDP2"
 
     def __init__(self, model: nn.Module, check_agreement: bool = True):
         self.model = model
