@@ -37,7 +37,14 @@ SHAPES = {
     "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                       num_key_value_heads=8, vocab_size=128256, batch=2, seq=728, gradient_checkpointing=True),
 }
-METHODS = ("badam", "adamw", "lora", "reference", "badam_k100", "reference_k100")
+METHODS = ("badam", "adamw", "lora", "reference", "badam_k100", "reference_k100", "badam_ratio", "badam_lisa",
+           "badam_bread")
+# The block family's other members, as BlockOptimizer settings (K=1 like `badam`).
+FAMILY = {
+    "badam_ratio": dict(mode="ratio", update_ratio=0.05, mask_mode="adjacent"),
+    "badam_lisa": dict(mode="lisa", lisa_layers=2),
+    "badam_bread": dict(switch_mode="ascending", inactive_update="sgd", inactive_scope="above"),
+}
 LABELS = {
     "badam": "BAdam (badam_hf)",
     "adamw": "AdamW (fp32 + bf16 autocast)",
@@ -45,6 +52,9 @@ LABELS = {
     "reference": "BAdam (authors' badam pkg)",
     "badam_k100": "BAdam K=100 (badam_hf)",
     "reference_k100": "BAdam K=100 (authors' badam pkg)",
+    "badam_ratio": "BAdam ratio 5% adjacent (badam_hf)",
+    "badam_lisa": "LISA 2 layers + emb/head (badam_hf)",
+    "badam_bread": "BAdam + BREAD sgd above (badam_hf)",
 }
 PHASE_STEPS = 2  # steps after the timed ones, counted tensor by tensor (LiveTensorBytes), phase by phase
 # glibc's malloc raises its mmap threshold after big frees, so later tensors come from a heap that fragments and
@@ -151,6 +161,14 @@ def setup_method(method: str, model, num_layers: int, lr: float = 1e-5):
         opt = BlockOptimizer(model, lr=lr, switch_every=K, switch_mode="ascending", granularity="layer")
         info["num_blocks"] = opt.num_blocks
         info["switch_every"] = K
+        return model, opt, opt.inner, None, info
+    if method in FAMILY:
+        from badam_hf.core.optimizer import BlockOptimizer
+
+        opt = BlockOptimizer(model, lr=lr, switch_every=K, granularity="layer", **FAMILY[method])
+        if method == "badam_bread":  # block-epoch aligned like `badam`
+            info["num_blocks"] = opt.num_blocks
+            info["switch_every"] = K
         return model, opt, opt.inner, None, info
     if method == "lora":
         from peft import LoraConfig, get_peft_model

@@ -19,14 +19,15 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 def test_bench_tiny(tmp_path):
     out = tmp_path / "results"
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--shape", "tiny", "--steps", "2", "--methods", "badam,adamw,lora,badam_k100",
+        [sys.executable, str(BENCH), "--shape", "tiny", "--steps", "2", "--methods",
+         "badam,adamw,lora,badam_k100,badam_ratio,badam_lisa,badam_bread",
          "--out", str(out)],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     rows = results["methods"]
-    assert set(rows) == {"badam", "adamw", "lora", "badam_k100"}
+    assert set(rows) == {"badam", "adamw", "lora", "badam_k100", "badam_ratio", "badam_lisa", "badam_bread"}
     for name, r in rows.items():
         assert r["steps"] == 2
         for key in ("forward_s", "backward_s", "optimizer_s", "step_s", "tokens_per_s"):
@@ -66,10 +67,30 @@ def test_bench_tiny(tmp_path):
     k1, k100 = rows["badam"]["live"]["phases_above_weights"], rows["badam_k100"]["live"]["phases_above_weights"]
     assert k1["forward"] < k100["forward"]  # K=100 carries the block's master and moments through its forward
 
+    # The block family: 16 bytes per trained entry for each (ratio: 5% of each layer matrix; LISA: two layers
+    # plus embeddings, final norm and head; BREAD: BAdam's one layer, its inactive step keeps no state).
+    embed = 512 * hidden  # the tiny shape's vocabulary x hidden, for the input embedding and the (untied) head
+    expected = {"badam_ratio": sum(int(0.05 * p.numel()) for p in _layer_params(hidden, inter, heads, kv)) * 4,
+                "badam_lisa": 2 * layer_numel + 2 * embed + hidden, "badam_bread": layer_numel}
+    for name, numel in expected.items():
+        b = rows[name]["bytes"]
+        assert b["updated_numel"] == numel, name
+        assert b["masters"] + b["moments"] + b["grads"] == 16 * numel, name
+        assert sum(b["own_memory_bytes"].values()) == 16 * numel + b["step_scalars"], name
+
     assert "ratios_to_adamw" in rows["badam"]
     md = (out / "results.md").read_text()
     assert "| BAdam (badam_hf) |" in md and "D(D+1)/(2D^2)" in md and "Live tensor bytes by phase" in md
     assert (out / "memory_time.png").stat().st_size > 0
+
+
+def _layer_params(hidden, inter, heads, kv):
+    import torch
+
+    head_dim = hidden // heads
+    shapes = [(hidden, hidden), (kv * head_dim, hidden), (kv * head_dim, hidden), (hidden, hidden),
+              (inter, hidden), (inter, hidden), (hidden, inter), (hidden,), (hidden,)]
+    return [torch.empty(s) for s in shapes]
 
 
 def test_gpu_shape_refused_on_cpu(tmp_path):
