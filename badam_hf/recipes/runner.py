@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..core.optimizer import unwrap_optimizer
+from ..integrations.cpu_compute import fp32_linear_compute
 from ..integrations.trainer import save_full_model
 from .builder import build
 from .validate import Recipe
@@ -32,15 +33,16 @@ def run(recipe: Recipe, out=None) -> dict:
     start = time.perf_counter()
     built = build(recipe)
     trainer = built.trainer
-    result = trainer.train()
-    save_full_model(trainer)  # the full weights, also under a sharded FSDP state dict
-    metrics = {}
-    if built.eval_size:  # the held-out set at the end, whatever the evaluation strategy during training
-        metrics = trainer.evaluate()
+    with fp32_linear_compute():  # CPU bf16 products in fp32 where the CPU lacks bf16 arithmetic
+        result = trainer.train()
+        save_full_model(trainer)  # the full weights, also under a sharded FSDP state dict
+        metrics = {}
+        if built.eval_size:  # the held-out set at the end, whatever the evaluation strategy during training
+            metrics = trainer.evaluate()
     elapsed = time.perf_counter() - start
     opt = unwrap_optimizer(trainer.optimizer)
     steps = trainer.state.global_step
-    blocks = sorted({opt.schedule.block_at(s) for s in range(steps)}) if opt is not None else []
+    blocks = sorted({b for s in range(steps) for b in opt.schedule.active_at(s)}) if opt is not None else []
     names = [opt.partition.blocks[b].name for b in blocks] if opt is not None else []
     summary = {
         "steps": steps,
