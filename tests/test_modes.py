@@ -300,6 +300,29 @@ def test_lisa_trains_sampled_layers_and_everything_outside_the_stack(tiny_llama)
         assert changed == expected, period
 
 
+def test_lisa_samples_move_only_at_optimizer_steps_under_accumulation(tiny_llama):
+    """switch_every=1 with 3 micro-batches per step: the sampled layers (and what requires grad) hold through
+    the window and every micro-batch's gradient reaches them; the next sample comes with the step."""
+    model = tiny_llama(layers=6)
+    opt = BlockOptimizer(model, lr=1e-2, mode="lisa", lisa_layers=2, switch_every=1, always_active=[])
+    params = dict(model.named_parameters())
+    for step in range(3):
+        sample = opt.active_blocks
+        assert sample == opt.schedule.sample(step)
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        assert trainable == {n for n in params if layer_of(n) in sample}
+        grads = []
+        for micro in range(3):
+            backward(model, 10 * step + micro, scale=1 / 3)
+            assert opt.active_blocks == sample
+            assert {n for n, p in params.items() if p.requires_grad} == trainable
+            grads.append({n: params[n].grad.clone() for n in trainable})
+        # each micro-batch added to the same layers' gradients (fp32 weights: they sum on .grad)
+        assert all(not torch.equal(grads[0][n], grads[2][n]) for n in trainable)
+        opt.step()
+        opt.zero_grad()
+
+
 def test_lisa_frees_state_of_layers_that_leave_and_restarts_resampled_ones(tiny_llama):
     model = tiny_llama(layers=4, dtype=torch.bfloat16)
     opt = BlockOptimizer(model, lr=1e-3, mode="lisa", lisa_layers=2, switch_every=1)
