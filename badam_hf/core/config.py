@@ -5,25 +5,41 @@ how long each block trains, `RatioConfig` and `LisaConfig` hold the settings of 
 (`mode=ratio`: a fraction of every matrix; `mode=lisa`: a few sampled layers), `InactiveUpdateConfig` the
 BREAD-style update of the frozen layers, and `BAdamConfig` bundles them with the choice of inner optimizer.
 `BAdamConfig.from_optim_args` reads the `--optim_args "key=value,..."` string of `TrainingArguments`.
+
+How to add a key (the field is the only place that names it):
+  1. Add one field to the section it belongs to (or to `BAdamConfig` itself), with a real type
+     (`bool`, `int`, `float`, `int | None`, `list[str] | None`, `Literal[...]`) and peft-style
+     `field(default=..., metadata={"help": "..."})`: the flat key, string parsing, type check and docs follow.
+  2. Range checks and rules between keys go in that class's `__post_init__`: name the value and the choices.
+  3. Regenerate docs/settings.md: `python -m badam_hf.tools.settings_doc --write docs/settings.md`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from .errors import BAdamConfigError
 
-GRANULARITIES = ("layer", "attn_mlp", "matrix")
-SWITCH_MODES = ("random", "ascending", "descending", "fixed")
-MODES = ("layer", "ratio", "lisa")
-MASK_MODES = ("adjacent", "scatter")
-INACTIVE_UPDATES = ("none", "sgd", "signsgd")
-INACTIVE_SCOPES = ("above", "all")
+Granularity = Literal["layer", "attn_mlp", "matrix"]
+SwitchMode = Literal["random", "ascending", "descending", "fixed"]
+Mode = Literal["layer", "ratio", "lisa"]
+MaskMode = Literal["adjacent", "scatter"]
+InactiveUpdate = Literal["none", "sgd", "signsgd"]
+InactiveScope = Literal["above", "all"]
+GRANULARITIES = typing.get_args(Granularity)
+SWITCH_MODES = typing.get_args(SwitchMode)
+MODES = typing.get_args(Mode)
+MASK_MODES = typing.get_args(MaskMode)
+INACTIVE_UPDATES = typing.get_args(InactiveUpdate)
+INACTIVE_SCOPES = typing.get_args(InactiveScope)
 # switch_every when it is not given: the paper's K for blocks and ratio masks, LISA's sampling interval.
 DEFAULT_SWITCH_EVERY = {"layer": 100, "ratio": 100, "lisa": 20}
 # Short names for the inner optimizer; anything else must be a dotted path to a torch.optim.Optimizer class.
@@ -34,11 +50,96 @@ INNER_OPTIMIZERS = {
 }
 # Separator for list values inside --optim_args (HF splits that string on "," and "=", so lists need another).
 LIST_SEPARATOR = "+"
+# Words a string may use for a bool (--optim_args, YAML strings).
+TRUE_WORDS = ("true", "1", "yes")
+FALSE_WORDS = ("false", "0", "no")
 
 
-def _choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise BAdamConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
+def help_text(f: dataclasses.Field) -> str:
+    """A field's help (its `metadata["help"]`, peft's convention) on one line; "" when it has none."""
+    return " ".join(f.metadata.get("help", "").split())
+
+
+# --- types read from the annotations --------------------------------------------------------------------
+
+
+@functools.cache
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotation of each field of `cls` (the module uses postponed annotations)."""
+    return typing.get_type_hints(cls)
+
+
+def _union_args(hint) -> tuple | None:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else None
+
+
+def _is_list_type(hint) -> bool:
+    return hint in (list, tuple) or typing.get_origin(hint) in (list, tuple)
+
+
+def _fits(value: Any, hint) -> bool:
+    """Whether a Python value has the type `hint` allows (a bool is not an integer here; an int is a number)."""
+    if hint is Any:
+        return True
+    args = _union_args(hint)
+    if args is not None:
+        return any(_fits(value, a) for a in args)
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(value == c and type(value) is type(c) for c in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if _is_list_type(hint):
+        return isinstance(value, (list, tuple))
+    if hint is type or origin is type:
+        return isinstance(value, type)  # which classes are fine is the field's own check
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def describe_type(hint) -> str:
+    """`hint` in words, for messages and docs: "an integer or none", "one of 'a', 'b'"."""
+    args = _union_args(hint)
+    if args is not None:
+        return " or ".join(dict.fromkeys(describe_type(a) for a in args))
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, typing.get_args(hint)))
+    if _is_list_type(hint):
+        return f"a list ({LIST_SEPARATOR}-separated in optim_args)"
+    if hint is type or origin is type:
+        inner = typing.get_args(hint)
+        return f"a subclass of {inner[0].__name__}" if inner else "a class"
+    words = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "none"}
+    if hint in words:
+        return words[hint]
+    if dataclasses.is_dataclass(hint):
+        return f"a {hint.__name__} or a dict of its fields"
+    return f"a {getattr(hint, '__name__', hint)}"
+
+
+def check_types(obj: Any) -> None:
+    """Refuse any field of the dataclass `obj` whose value its annotation does not allow; turn the ints of
+    float fields into floats and the sequences of list fields into lists (the instance's own fields only)."""
+    for f in dataclasses.fields(obj):
+        hint = field_types(type(obj))[f.name]
+        value = getattr(obj, f.name)
+        if _is_list_type(hint) or any(_is_list_type(a) for a in _union_args(hint) or ()):
+            value = _as_list(value)
+            setattr(obj, f.name, value)
+        if not _fits(value, hint):
+            if typing.get_origin(hint) is Literal:
+                raise BAdamConfigError(
+                    f"{f.name}={value!r} is not valid; choose one of {', '.join(map(repr, typing.get_args(hint)))}."
+                )
+            raise BAdamConfigError(f"{f.name}={value!r} is not valid; {f.name} must be {describe_type(hint)}.")
+        if hint is float:
+            setattr(obj, f.name, float(value))
 
 
 def _as_list(value) -> list[str] | None:
@@ -49,38 +150,112 @@ def _as_list(value) -> list[str] | None:
     return list(value)
 
 
+# --- strings (optim_args, YAML) to typed values ---------------------------------------------------------
+
+
+def parse_value(key: str, raw: Any, hint, source: str) -> Any:
+    """Turn a string from the command line into the type `hint` names, with an error that names the key.
+    Values that are not strings are returned as they are (the dataclass checks them)."""
+    if not isinstance(raw, str):
+        return raw
+    try:
+        return _from_string(raw, hint)
+    except ValueError:
+        expected = "true/false (or yes/no, 1/0)" if hint is bool else describe_type(hint)
+        raise BAdamConfigError(f"{key}={raw!r} in {source} is not valid; expected {expected}.") from None
+
+
+def _from_string(raw: str, hint) -> Any:
+    args = _union_args(hint)
+    if args is not None:
+        if any(_is_list_type(a) for a in args):  # "none" in a list field means the empty list
+            return _from_string(raw, next(a for a in args if _is_list_type(a)))
+        if type(None) in args and raw.lower() == "none":
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _from_string(raw, a)
+            except ValueError:
+                pass
+        raise ValueError(raw)
+    if _is_list_type(hint):
+        if raw.lower() in ("none", "[]", ""):
+            return []
+        (item,) = typing.get_args(hint)[:1] or (str,)
+        return [_from_string(v, item) for v in raw.split(LIST_SEPARATOR) if v]
+    if hint is bool:
+        low = raw.lower()
+        if low in TRUE_WORDS:
+            return True
+        if low in FALSE_WORDS:
+            return False
+        raise ValueError(raw)
+    if hint is int:
+        return int(raw)
+    if hint is float:
+        return float(raw)
+    if hint is str or hint is Any or typing.get_origin(hint) is Literal:
+        return raw  # a Literal's choices are checked by the dataclass, with the list of choices
+    raise ValueError(raw)  # a class or other object cannot be written as a string
+
+
+def _choice(name: str, value: Any, choices) -> None:
+    if value not in choices:
+        raise BAdamConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
+
+
+def _with_args_doc(cls):
+    """Append an `Args:` section built from the fields' help to the class docstring (help() shows it)."""
+    lines = [f"        {f.name}: {help_text(f)}" for f in dataclasses.fields(cls) if help_text(f)]
+    if lines:
+        cls.__doc__ = (cls.__doc__ or "").rstrip() + "\n\n    Args:\n" + "\n".join(lines) + "\n"
+    return cls
+
+
+# --- the sections -----------------------------------------------------------------------------------------
+
+
+@_with_args_doc
 @dataclass
 class PartitionConfig:
-    """How the parameters are split into blocks.
+    """How the parameters are split into blocks."""
 
-    Args:
-        granularity: `layer` (one block per repeated layer, the paper's default), `attn_mlp` (attention and
-            the rest of each layer as two blocks) or `matrix` (one block per weight matrix with its bias).
-        target_modules: explicit blocks instead of a granularity; each entry is a parameter-name prefix
-            (`model.layers.0`) or a regular expression matched against whole parameter names, and
-            defines one block. Same meaning as `TrainingArguments.optim_target_modules`.
-        include_embedding: add the input embeddings (and whatever else runs before the layer stack) as
-            one extra block.
-        include_lm_head: add the output side (final norm, LM head) as one extra block.
-        always_active: module-name prefixes trained in every block. `None` picks a randomly initialised
-            task head (`classifier`, `score`, `qa_outputs`) when the model has one; `[]` means none.
-    """
-
-    granularity: str = "layer"
-    target_modules: list[str] | None = None
-    include_embedding: bool = False
-    include_lm_head: bool = False
-    always_active: list[str] | None = None
+    granularity: Granularity = field(default="layer", metadata={
+        "summary": "blocks: `layer`, `attn_mlp` (two per layer) or `matrix` (one per weight matrix)",
+        "help": (
+            "`layer` (one block per repeated layer, the paper's default), `attn_mlp` (attention and the rest of each "
+            "layer as two blocks) or `matrix` (one block per weight matrix with its bias, plus one per layer for its "
+            "leftover 1-D parameters such as norms)."
+        ),
+    })
+    target_modules: list[str] | None = field(default=None, metadata={"help": (
+        "explicit blocks instead of `granularity`: each entry is a parameter-name prefix (`model.layers.0`) or a "
+        "regular expression matched against whole parameter names, and defines one block. Same meaning as "
+        "`TrainingArguments.optim_target_modules`."
+    )})
+    include_embedding: bool = field(default=False, metadata={
+        "summary": "train the input embeddings as one extra block",
+        "help": (
+            "add the input side (token/position embeddings, whatever runs before the layer stack) as one extra block."
+        ),
+    })
+    include_lm_head: bool = field(default=False, metadata={
+        "summary": "train the final norm and LM head as one extra block",
+        "help": (
+            "add the output side (final norm, LM head) as one extra block."
+        ),
+    })
+    always_active: list[str] | None = field(default=None, metadata={"help": (
+        "module-name prefixes trained in every block, e.g. `classifier+pooler`. Unset picks a randomly "
+        "initialised task head (`classifier`, `score`, `qa_outputs`) when the model has one; `none` means none."
+    )})
 
     def __post_init__(self):
-        _choice("granularity", self.granularity, GRANULARITIES)
-        self.target_modules = _as_list(self.target_modules)
-        self.always_active = _as_list(self.always_active)
+        check_types(self)
         if self.target_modules is not None and not self.target_modules:
             raise BAdamConfigError("target_modules is empty; leave it unset to partition by `granularity`.")
-        for name in ("include_embedding", "include_lm_head"):
-            if not isinstance(getattr(self, name), bool):
-                raise BAdamConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.target_modules is not None and (self.include_embedding or self.include_lm_head):
             raise BAdamConfigError(
                 "include_embedding/include_lm_head do not combine with target_modules: with explicit blocks, "
@@ -88,180 +263,184 @@ class PartitionConfig:
             )
 
 
+@_with_args_doc
 @dataclass
 class ScheduleConfig:
-    """Which block trains when.
+    """Which block trains when."""
 
-    Args:
-        switch_every: K, the number of optimizer steps (after gradient accumulation) each block gets
-            before the next one is activated (with `mode=ratio`: before the masks move; with `mode=lisa`:
-            before new layers are sampled). Default 100 (the paper's value for instruction tuning), 20 for
-            `mode=lisa` (LISA's interval).
-        switch_mode: `random` (a new random order each block-epoch), `ascending`, `descending` or
-            `fixed` (only `start_block` ever trains).
-        start_block: index of the first block. Default: 0, or the last block for `descending`, or a
-            random one for `random`.
-        seed: seed of the private generator behind the `random` order, so the order is reproducible and
-            independent of the global torch RNG.
-    """
-
-    switch_every: int | None = None
-    switch_mode: str = "random"
-    start_block: int | None = None
-    seed: int = 42
+    switch_every: int | None = field(default=None, metadata={
+        "summary": "K, optimizer steps per block; unset: 100 (`mode=lisa`: 20)",
+        "help": (
+            "K, the number of optimizer steps (after gradient accumulation) each block gets before the next one is "
+            "activated (with `mode=ratio`: before the masks move; with `mode=lisa`: before new layers are sampled). "
+            "Unset: 100 (the paper's value for instruction tuning), 20 with `mode=lisa` (LISA's interval)."
+        ),
+    })
+    switch_mode: SwitchMode = field(default="random", metadata={
+        "summary": "block order: `random`, `ascending`, `descending` or `fixed`",
+        "help": (
+            "`random` (a new random order each block-epoch), `ascending`, `descending` or `fixed` (only `start_block`"
+            " ever trains). `mode=layer` only."
+        ),
+    })
+    start_block: int | None = field(default=None, metadata={"help": (
+        "index of the first block. Unset: 0, or the last block for `descending`, or a random one for `random`. "
+        "`mode=layer` only."
+    )})
+    seed: int = field(default=42, metadata={"help": (
+        "seed of the private generator behind the `random` order, ratio's masks and LISA's draws, so they are "
+        "reproducible and independent of the global torch RNG."
+    )})
 
     def __post_init__(self):
-        _choice("switch_mode", self.switch_mode, SWITCH_MODES)
-        if self.switch_every is not None and (
-            isinstance(self.switch_every, bool) or not isinstance(self.switch_every, int) or self.switch_every < 1
-        ):
+        check_types(self)
+        if self.switch_every is not None and self.switch_every < 1:
             raise BAdamConfigError(
                 f"switch_every={self.switch_every!r} is not valid; it is the number of optimizer steps per block "
                 "and must be an integer >= 1 (the paper uses 100)."
             )
-        if self.start_block is not None and (
-            isinstance(self.start_block, bool) or not isinstance(self.start_block, int) or self.start_block < 0
-        ):
+        if self.start_block is not None and self.start_block < 0:
             raise BAdamConfigError(f"start_block={self.start_block!r} is not valid; it must be an integer >= 0.")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise BAdamConfigError(f"seed={self.seed!r} is not valid; it must be an integer.")
 
 
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
+@_with_args_doc
 @dataclass
 class RatioConfig:
-    """`mode=ratio`: every parameter in the partition trains a fraction of its entries at a time.
+    """`mode=ratio`: every parameter in the partition trains a fraction of its entries at a time."""
 
-    Args:
-        update_ratio: the fraction of each parameter's entries updated in a period, in (0, 1]
-            (LlamaFactory's `badam_update_ratio`, default 0.05). Each parameter gets
-            max(1, floor(update_ratio x its size)) entries; they move every `switch_every` optimizer steps.
-        mask_mode: `adjacent` (one run of consecutive entries of the flattened tensor; over 1/update_ratio
-            periods the runs sweep the whole tensor, from a random phase per parameter) or `scatter`
-            (entries spread over the whole tensor: one drawn uniformly from each of as many equal runs).
-    """
-
-    update_ratio: float = 0.05
-    mask_mode: str = "adjacent"
+    update_ratio: float = field(default=0.05, metadata={
+        "summary": "`mode=ratio`: fraction of each matrix trained at a time, in (0, 1]",
+        "help": (
+            "`mode=ratio`: the fraction of each parameter's entries updated in a period, in (0, 1] (LlamaFactory's "
+            "`badam_update_ratio`). Each parameter gets max(1, floor(update_ratio x its size)) entries; they move "
+            "every `switch_every` optimizer steps."
+        ),
+    })
+    mask_mode: MaskMode = field(default="adjacent", metadata={"help": (
+        "`mode=ratio`: `adjacent` (one run of consecutive entries of the flattened tensor; over 1/update_ratio "
+        "periods the runs sweep the whole tensor, from a random phase per parameter) or `scatter` (one entry "
+        "drawn uniformly from each of as many equal runs)."
+    )})
 
     def __post_init__(self):
-        _choice("mask_mode", self.mask_mode, MASK_MODES)
-        if not _is_number(self.update_ratio) or not 0.0 < float(self.update_ratio) <= 1.0:
+        check_types(self)
+        if not 0.0 < self.update_ratio <= 1.0:
             raise BAdamConfigError(
                 f"update_ratio={self.update_ratio!r} is not valid; it is the fraction of each matrix's entries "
                 "trained at a time and must lie in (0, 1] (LlamaFactory's default is 0.05)."
             )
-        self.update_ratio = float(self.update_ratio)
 
 
+@_with_args_doc
 @dataclass
 class LisaConfig:
     """`mode=lisa`: `lisa_layers` blocks (layers) sampled without replacement every `switch_every` steps, with
     everything outside the layer stack (embeddings, final norm, LM head) trained throughout unless
-    `always_active` says otherwise.
+    `always_active` says otherwise."""
 
-    Args:
-        lisa_layers: gamma, the number of layers trained at a time (LMFlow's `lisa_activated_layers`, default 2).
-    """
-
-    lisa_layers: int = 2
+    lisa_layers: int = field(default=2, metadata={
+        "summary": "`mode=lisa`: layers sampled at a time",
+        "help": (
+            "`mode=lisa`: gamma, the number of layers trained at a time, 1..the number of layers (LMFlow's "
+            "`lisa_activated_layers`)."
+        ),
+    })
 
     def __post_init__(self):
-        if isinstance(self.lisa_layers, bool) or not isinstance(self.lisa_layers, int) or self.lisa_layers < 1:
+        check_types(self)
+        if self.lisa_layers < 1:
             raise BAdamConfigError(
                 f"lisa_layers={self.lisa_layers!r} is not valid; it is the number of layers sampled at a time and "
                 "must be an integer >= 1 (LISA's default is 2)."
             )
 
 
+@_with_args_doc
 @dataclass
 class InactiveUpdateConfig:
     """BREAD-style updates of the layers that are not active (the BAdam authors' follow-up): during the same
     backward, each such parameter takes one plain step `p -= lr x inactive_lr_scale x g` (`sgd`) or
-    `... x sign(g)` (`signsgd`) in its own dtype, and its gradient is freed at once; no state is kept.
+    `... x sign(g)` (`signsgd`) in its own dtype, and its gradient is freed at once; no state is kept."""
 
-    Args:
-        inactive_update: `none` (default: BAdam), `sgd` or `signsgd`.
-        inactive_lr_scale: the inactive step's learning rate as a multiple of the scheduled one (default 5.0).
-        inactive_scope: `above` (default: only the layers above the lowest active one and the output side,
-            whose backward runs anyway, so BAdam's backward truncation is kept) or `all` (every other
-            parameter: a full backward).
-    """
-
-    inactive_update: str = "none"
-    inactive_lr_scale: float = 5.0
-    inactive_scope: str = "above"
+    inactive_update: InactiveUpdate = field(default="none", metadata={
+        "summary": "`sgd` or `signsgd`: cheap updates of the layers that are not active (BREAD)",
+        "help": (
+            "`none` (BAdam), `sgd` or `signsgd`: the layers that are not active take `p -= lr x inactive_lr_scale x "
+            "g` (or `sign(g)`) in the backward. Modes `layer` and `lisa`."
+        ),
+    })
+    inactive_lr_scale: float = field(default=5.0, metadata={"help": (
+        "the inactive step's learning rate as a multiple of the scheduled one (BREAD's default)."
+    )})
+    inactive_scope: InactiveScope = field(default="above", metadata={"help": (
+        "`above` (only the layers above the lowest active one and the output side, whose backward runs anyway, so"
+        " BAdam's backward truncation is kept) or `all` (every other parameter: a full backward)."
+    )})
 
     def __post_init__(self):
-        _choice("inactive_update", self.inactive_update, INACTIVE_UPDATES)
-        _choice("inactive_scope", self.inactive_scope, INACTIVE_SCOPES)
-        if not _is_number(self.inactive_lr_scale) or not 0.0 < float(self.inactive_lr_scale) < float("inf"):
+        check_types(self)
+        if not 0.0 < self.inactive_lr_scale < float("inf"):
             raise BAdamConfigError(
                 f"inactive_lr_scale={self.inactive_lr_scale!r} is not valid; it multiplies the learning rate of the "
                 "inactive layers' update and must be a finite number > 0 (BREAD's default is 5.0)."
             )
-        self.inactive_lr_scale = float(self.inactive_lr_scale)
 
     @property
     def enabled(self) -> bool:
         return self.inactive_update != "none"
 
 
+@_with_args_doc
 @dataclass
 class BAdamConfig:
-    """All BAdam settings.
+    """All BAdam settings. The sections (`partition`, `schedule`, `ratio`, `lisa`, `inactive`) accept a
+    config object or a dict of its fields; the flat view (`from_flat`, `from_optim_args`) spreads their
+    fields and this class's own into one namespace of keys."""
 
-    Args:
-        mode: `layer` (BAdam: one block at a time, the default), `ratio` (every parameter of the partition
-            trains a fraction of its entries, see `RatioConfig`) or `lisa` (a few sampled layers plus the
-            embeddings and head, see `LisaConfig`).
-        partition: see `PartitionConfig`.
-        schedule: see `ScheduleConfig`.
-        ratio, lisa, inactive: see `RatioConfig`, `LisaConfig`, `InactiveUpdateConfig`.
-        inner_optimizer: the optimizer run on the active block: `adamw` (default), `adam`, `sgd`, or a
-            dotted path to any `torch.optim.Optimizer` subclass (`torch.optim.Adagrad`).
-        truncate_backward: stop the backward pass at the lowest active layer (BAdam's backward saving).
-        fp32_grad_accumulation: for low-precision (bf16) weights, move each active parameter's gradient into
-            its fp32 master gradient as soon as autograd produces it and free the bf16 one: gradient
-            accumulation over micro-batches then happens in fp32, and no bf16 gradient of the block stays
-            alive. `false` keeps the bf16 gradient on the parameter until the step (the authors' package
-            and LlamaFactory do that). Engines that own the gradients (FSDP2 shards, DeepSpeed ZeRO-3)
-            keep their own path whatever this says.
-        split_masters: between two steps, keep each fp32 master of a bf16 weight as the 16 low bits that the
-            weight lacks (2 bytes instead of 4 per active element; rebuilt bit for bit before the next step).
-            The weight is then the master rounded to nearest with ties toward zero (torch breaks ties to
-            even: they differ when the dropped half is exactly 0x8000, about once in 65536 roundings, and
-            are both half an ulp away). `false` keeps the fp32 masters whole.
-    """
-
-    mode: str = "layer"
-    partition: PartitionConfig = field(default_factory=PartitionConfig)
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
-    ratio: RatioConfig = field(default_factory=RatioConfig)
-    lisa: LisaConfig = field(default_factory=LisaConfig)
-    inactive: InactiveUpdateConfig = field(default_factory=InactiveUpdateConfig)
-    inner_optimizer: str | type = "adamw"
-    truncate_backward: bool = True
-    fp32_grad_accumulation: bool = True
-    split_masters: bool = True
+    mode: Mode = field(default="layer", metadata={
+        "summary": "`layer` (one block at a time), `ratio` (part of every matrix) or `lisa` (a few sampled layers)",
+        "help": (
+            "`layer` (BAdam: one block at a time), `ratio` (every parameter of the partition trains a fraction of its"
+            " entries, see `RatioConfig`) or `lisa` (a few sampled layers plus the embeddings and head, see "
+            "`LisaConfig`)."
+        ),
+    })
+    partition: PartitionConfig = field(default_factory=PartitionConfig, metadata={"help": "see `PartitionConfig`."})
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig, metadata={"help": "see `ScheduleConfig`."})
+    ratio: RatioConfig = field(default_factory=RatioConfig, metadata={"help": "see `RatioConfig`."})
+    lisa: LisaConfig = field(default_factory=LisaConfig, metadata={"help": "see `LisaConfig`."})
+    inactive: InactiveUpdateConfig = field(default_factory=InactiveUpdateConfig, metadata={"help": (
+        "see `InactiveUpdateConfig`."
+    )})
+    inner_optimizer: str | type[torch.optim.Optimizer] = field(default="adamw", metadata={"help": (
+        "the optimizer run on the active block: `adamw`, `adam`, `sgd`, or a dotted path to any "
+        "`torch.optim.Optimizer` subclass (`torch.optim.Adagrad`)."
+    )})
+    truncate_backward: bool = field(default=True, metadata={"help": (
+        "stop the backward pass at the lowest active layer (BAdam's backward saving)."
+    )})
+    fp32_grad_accumulation: bool = field(default=True, metadata={"help": (
+        "for bf16 weights, move each active parameter's gradient into its fp32 master gradient as soon as "
+        "autograd produces it and free the bf16 one: accumulation over micro-batches happens in fp32 and no bf16 "
+        "gradient of the block stays alive. `false` keeps the bf16 gradient on the weight until the step (as the "
+        "authors' package and LlamaFactory do). Engines that own the gradients (FSDP2 shards, DeepSpeed ZeRO-3) "
+        "keep their own path whatever this says."
+    )})
+    split_masters: bool = field(default=True, metadata={"help": (
+        "between two steps, keep each fp32 master of a bf16 weight as the 16 low bits the weight lacks (2 bytes "
+        "instead of 4 per active element; rebuilt bit for bit before the next step). The weight is then the "
+        "master rounded to nearest with ties toward zero (torch breaks ties to even: they differ about once in "
+        "65536 roundings, both half an ulp away). `false` keeps the fp32 masters whole."
+    )})
 
     def __post_init__(self):
-        for name in ("truncate_backward", "fp32_grad_accumulation", "split_masters"):
-            if not isinstance(getattr(self, name), bool):
-                raise BAdamConfigError(f"{name}={getattr(self, name)!r} is not valid; it must be true or false.")
-        if isinstance(self.partition, dict):
-            self.partition = PartitionConfig(**self.partition)
-        if isinstance(self.schedule, dict):
-            self.schedule = ScheduleConfig(**self.schedule)
-        for name, cls in self._SECTIONS[2:]:
+        for name, cls in self.sections().items():  # a dict becomes its section; a caller's object is kept
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
-        _choice("mode", self.mode, MODES)
+        check_types(self)
         if self.schedule.switch_every is None:
-            self.schedule.switch_every = DEFAULT_SWITCH_EVERY[self.mode]
+            # A copy: the ScheduleConfig the caller passed may serve another config with another mode.
+            self.schedule = dataclasses.replace(self.schedule, switch_every=DEFAULT_SWITCH_EVERY[self.mode])
         self._check_mode_combinations()
         self.inner_optimizer_cls  # validate now, not at the first step
 
@@ -303,14 +482,6 @@ class BAdamConfig:
                 "mode='ratio' has none (every matrix trains a part of its entries); use it with mode=layer or lisa."
             )
 
-    _SECTIONS = (
-        ("partition", PartitionConfig),
-        ("schedule", ScheduleConfig),
-        ("ratio", RatioConfig),
-        ("lisa", LisaConfig),
-        ("inactive", InactiveUpdateConfig),
-    )
-
     @property
     def inner_optimizer_cls(self) -> type[torch.optim.Optimizer]:
         return resolve_optimizer_class(self.inner_optimizer)
@@ -318,16 +489,35 @@ class BAdamConfig:
     # --- the flat key=value view used by --optim_args and recipes ---
 
     @classmethod
-    def flat_fields(cls) -> dict[str, tuple[str | None, type]]:
+    def sections(cls) -> dict[str, type]:
+        """The fields that are sections (a settings dataclass of their own): name -> class."""
+        hints = field_types(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])}
+
+    @classmethod
+    def flat_settings(cls) -> list[tuple[str, str | None, dataclasses.Field, Any]]:
+        """Every flat key in field order, as (key, section, field, type); section None means a field of
+        BAdamConfig itself. A list, so that a key defined twice shows (`flat_fields` refuses that)."""
+        out = []
+        hints, sections = field_types(cls), cls.sections()
+        for f in dataclasses.fields(cls):
+            if f.name in sections:
+                sub = sections[f.name]
+                out += [(g.name, f.name, g, field_types(sub)[g.name]) for g in dataclasses.fields(sub)]
+            else:
+                out.append((f.name, None, f, hints[f.name]))
+        return out
+
+    @classmethod
+    def flat_fields(cls) -> dict[str, tuple[str | None, Any]]:
         """Every flat key, mapped to (section, type). Section None means a field of BAdamConfig itself."""
-        out: dict[str, tuple[str | None, type]] = {"mode": (None, str)}
-        for section, sub in cls._SECTIONS:
-            for f in dataclasses.fields(sub):
-                out[f.name] = (section, f.type)
-        out["inner_optimizer"] = (None, str)
-        out["truncate_backward"] = (None, bool)
-        out["fp32_grad_accumulation"] = (None, bool)
-        out["split_masters"] = (None, bool)
+        out: dict[str, tuple[str | None, Any]] = {}
+        for key, section, _, hint in cls.flat_settings():
+            if key in out:
+                raise TypeError(
+                    f"flat key {key!r} is defined in {out[key][0] or 'BAdamConfig'} and in {section or 'BAdamConfig'}."
+                )
+            out[key] = (section, hint)
         return out
 
     @classmethod
@@ -340,11 +530,12 @@ class BAdamConfig:
                 f"unknown key(s) {', '.join(map(repr, unknown))} in {source}; valid keys are: "
                 f"{', '.join(sorted(known))}."
             )
-        sections: dict[str | None, dict[str, Any]] = {name: {} for name, _ in cls._SECTIONS} | {None: {}}
+        sections: dict[str | None, dict[str, Any]] = {name: {} for name in cls.sections()} | {None: {}}
         for key, raw in values.items():
-            section, typ = known[key]
-            sections[section][key] = _convert(key, raw, typ, source)
-        return cls(**{name: sub(**sections[name]) for name, sub in cls._SECTIONS}, **sections[None])
+            section, hint = known[key]
+            sections[section][key] = parse_value(key, raw, hint, source)
+        top = sections.pop(None)
+        return cls(**sections, **top)  # each section's dict becomes its dataclass in __post_init__
 
     @classmethod
     def from_optim_args(cls, optim_args: str | None, target_modules=None) -> "BAdamConfig":
@@ -371,36 +562,6 @@ class BAdamConfig:
             # common in regexes such as `layers\.\d+`).
             values["target_modules"] = _as_list(target_modules)
         return cls.from_flat(values, source="optim_args")
-
-
-def _convert(key: str, raw: Any, typ, source: str) -> Any:
-    """Turn a string from the command line into the field's type, with an error that names the key."""
-    typ_s = str(typ)
-    if not isinstance(raw, str):
-        return raw  # already typed (a dict from YAML, a Python caller); the dataclass validates it
-    try:
-        if typ_s in ("bool", "<class 'bool'>"):
-            low = raw.lower()
-            if low in ("true", "1", "yes"):
-                return True
-            if low in ("false", "0", "no"):
-                return False
-            raise ValueError
-        if typ_s in ("float", "<class 'float'>"):
-            return float(raw)
-        if "list" in typ_s:
-            if raw.lower() in ("none", "[]", ""):
-                return []
-            return [v for v in raw.split(LIST_SEPARATOR) if v]
-        if "int" in typ_s:
-            if raw.lower() == "none" and "None" in typ_s:
-                return None
-            return int(raw)
-        return raw
-    except ValueError:
-        expected = ("true/false" if "bool" in typ_s else "a number" if "float" in typ_s
-                    else "an integer" if "int" in typ_s else typ_s)
-        raise BAdamConfigError(f"{key}={raw!r} in {source} is not valid; expected {expected}.") from None
 
 
 def resolve_optimizer_class(spec: str | type) -> type[torch.optim.Optimizer]:

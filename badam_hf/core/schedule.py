@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import ScheduleConfig
+from .config import DEFAULT_SWITCH_EVERY, ScheduleConfig
 from .errors import BAdamConfigError
-
-
-DEFAULT_SWITCH_EVERY = 100
 
 
 def _splitmix64(x: int) -> int:
@@ -54,7 +51,7 @@ class BlockSchedule:
             )
         self.num_blocks = num_blocks
         self.config = config
-        self.switch_every = config.switch_every if config.switch_every is not None else DEFAULT_SWITCH_EVERY
+        self.switch_every = config.switch_every if config.switch_every is not None else DEFAULT_SWITCH_EVERY["layer"]
         self.mode = config.switch_mode
         if start is None:
             start = num_blocks - 1 if self.mode == "descending" else 0
