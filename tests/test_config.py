@@ -160,3 +160,122 @@ def test_trl_config_accepts_badam_and_checks_its_args(tmp_path):
     assert cfg.optim == "badam"
     with pytest.raises(BAdamConfigError, match="switch_every=0"):
         trl.SFTConfig(output_dir=str(tmp_path), optim="badam", optim_args="switch_every=0", report_to="none", use_cpu=True)
+
+
+# --- one source of truth: the fields ---------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import re  # noqa: E402
+import typing  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from badam_hf.core import config as config_module  # noqa: E402
+from badam_hf.core.config import LisaConfig, RatioConfig, parse_value  # noqa: E402
+
+
+def test_flat_keys_are_unique_across_sections_and_cover_every_field():
+    keys = [key for key, *_ in BAdamConfig.flat_settings()]
+    assert len(keys) == len(set(keys)), sorted(k for k in keys if keys.count(k) > 1)
+    sections = BAdamConfig.sections()
+    assert set(sections) == {"partition", "schedule", "ratio", "lisa", "inactive"}
+    expected = {f.name for cls in sections.values() for f in dataclasses.fields(cls)}
+    expected |= {f.name for f in dataclasses.fields(BAdamConfig) if f.name not in sections}
+    assert set(keys) == expected and set(BAdamConfig.flat_fields()) == expected
+    # The types are the annotations themselves, not their text.
+    assert BAdamConfig.flat_fields()["switch_every"] == ("schedule", int | None)
+    assert BAdamConfig.flat_fields()["truncate_backward"] == (None, bool)
+    assert BAdamConfig.flat_fields()["granularity"] == ("partition", typing.Literal["layer", "attn_mlp", "matrix"])
+
+
+def test_a_key_defined_in_two_sections_is_refused():
+    @dataclass
+    class Clash:
+        seed: int = field(default=0, metadata={"help": "a second seed"})
+
+    @dataclass
+    class Clashing(BAdamConfig):
+        clash: Clash = field(default_factory=Clash, metadata={"help": "see Clash"})
+
+    with pytest.raises(TypeError, match="flat key 'seed' is defined in schedule and in clash"):
+        Clashing.flat_fields()
+
+
+def test_a_new_key_is_one_field():
+    # A field with a type and help is a flat key at once: parsed from strings, type-checked, in the docs.
+    @dataclass
+    class Extended(BAdamConfig):
+        skip_bad_steps: bool = field(default=False, metadata={"help": "skip steps whose gradient is not finite"})
+        max_skips: int | None = field(default=None, metadata={"help": "give up after this many skips"})
+
+    c = Extended.from_flat({"skip_bad_steps": "yes", "max_skips": "3", "switch_every": "7"}, source="optim_args")
+    assert c.skip_bad_steps is True and c.max_skips == 3 and c.schedule.switch_every == 7
+    assert Extended.from_flat({"max_skips": "none"}).max_skips is None
+    with pytest.raises(BAdamConfigError, match=r"skip_bad_steps='maybe' in optim_args is not valid; expected true/fa"):
+        Extended.from_flat({"skip_bad_steps": "maybe"}, source="optim_args")
+    with pytest.raises(BAdamConfigError, match=r"max_skips=2.5 is not valid; max_skips must be an integer or none"):
+        Extended(max_skips=2.5)
+
+
+def test_choices_come_from_the_literal_annotations():
+    hints = config_module.field_types
+    assert config_module.GRANULARITIES == typing.get_args(hints(PartitionConfig)["granularity"])
+    assert config_module.SWITCH_MODES == typing.get_args(hints(ScheduleConfig)["switch_mode"])
+    assert config_module.MODES == typing.get_args(hints(BAdamConfig)["mode"])
+    assert config_module.MASK_MODES == typing.get_args(hints(RatioConfig)["mask_mode"])
+    with pytest.raises(BAdamConfigError, match=r"granularity='Layer' is not valid; choose one of 'layer', 'attn_mlp'"):
+        PartitionConfig(granularity="Layer")
+
+
+@pytest.mark.parametrize("raw, hint, value", [
+    ("True", bool, True), ("no", bool, False), ("1", bool, True),
+    ("12", int, 12), ("none", int | None, None), ("5", int | None, 5),
+    ("0.5", float, 0.5), ("1e-3", float, 1e-3),
+    ("sgd", typing.Literal["sgd", "adam"], "sgd"),
+    ("a+b", list[str], ["a", "b"]), ("none", list[str] | None, []), ("1+2", list[int], [1, 2]),
+    ("x+y", tuple[str, ...], ["x", "y"]),
+    ("adamw", str | type, "adamw"),
+])
+def test_strings_are_parsed_by_the_annotation(raw, hint, value):
+    assert parse_value("k", raw, hint, "optim_args") == value
+
+
+@pytest.mark.parametrize("raw, hint, expected", [
+    ("maybe", bool, "true/false"), ("1.5", int, "an integer"), ("x", int | None, "an integer or none"),
+    ("lots", float, "a number"), ("1+x", list[int], "a list"),
+])
+def test_unparsable_strings_name_the_key_and_the_type(raw, hint, expected):
+    with pytest.raises(BAdamConfigError, match=re.escape(f"k={raw!r} in src is not valid; expected {expected}")):
+        parse_value("k", raw, hint, "src")
+
+
+def test_python_values_are_checked_against_the_annotations():
+    with pytest.raises(BAdamConfigError, match=r"lisa_layers=2.0 is not valid; lisa_layers must be an integer"):
+        LisaConfig(lisa_layers=2.0)
+    with pytest.raises(BAdamConfigError, match=r"update_ratio=True is not valid; update_ratio must be a number"):
+        RatioConfig(update_ratio=True)
+    with pytest.raises(BAdamConfigError, match=r"schedule=3 is not valid; schedule must be a ScheduleConfig or a dict"):
+        BAdamConfig(schedule=3)
+    r = RatioConfig(update_ratio=1)
+    assert r.update_ratio == 1.0 and isinstance(r.update_ratio, float)
+    assert PartitionConfig(always_active=("a", "b")).always_active == ["a", "b"]
+
+
+def test_the_callers_objects_are_not_mutated():
+    sched = ScheduleConfig(switch_mode="random")
+    lisa = BAdamConfig(mode="lisa", schedule=sched)
+    assert lisa.schedule.switch_every == 20
+    assert sched.switch_every is None  # the default went into a copy
+    # The same object serves a second config with another mode and so another default.
+    assert BAdamConfig(schedule=sched).schedule.switch_every == 100
+    given = ScheduleConfig(switch_every=7)
+    assert BAdamConfig(schedule=given).schedule is given  # nothing to fill in: kept as it is
+    partition = {"granularity": "matrix"}
+    assert BAdamConfig(partition=partition).partition == PartitionConfig(granularity="matrix")
+    assert partition == {"granularity": "matrix"}
+
+
+def test_help_is_in_the_field_metadata_and_in_the_docstring():
+    for cls in (BAdamConfig, *BAdamConfig.sections().values()):
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+            assert f"{f.name}: {config_module.help_text(f)}" in cls.__doc__

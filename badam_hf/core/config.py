@@ -111,7 +111,7 @@ def describe_type(hint) -> str:
     if origin is Literal:
         return "one of " + ", ".join(map(repr, typing.get_args(hint)))
     if _is_list_type(hint):
-        return f"a list ({LIST_SEPARATOR}-separated in optim_args)"
+        return f"a list (items joined with {LIST_SEPARATOR} in optim_args)"
     if hint is type or origin is type:
         inner = typing.get_args(hint)
         return f"a subclass of {inner[0].__name__}" if inner else "a class"
