@@ -16,7 +16,7 @@ def test_docs_settings_md_holds_both_generated_blocks_up_to_date():
     text = (ROOT / "docs" / "settings.md").read_text()
     assert text.split("\n\n")[1].startswith("**Who this is for:**")  # right under the title
     blocks = settings_doc.blocks_in(text)
-    assert set(blocks) == {"settings", "settings-short"}
+    assert set(blocks) == {"settings-all", "settings"}
     for name, body in blocks.items():
         assert body == settings_doc.render(name), f"docs/settings.md block {name!r} is stale; {STALE}"
 
@@ -25,7 +25,7 @@ def test_readme_marked_table_is_up_to_date():
     readme = ROOT / "README.md"
     blocks = settings_doc.blocks_in(readme.read_text()) if readme.exists() else {}
     if not blocks:
-        pytest.skip("README.md has no <!-- settings...:begin --> markers yet")
+        pytest.skip("README.md has no <!-- settings:begin --> markers yet")
     for name, body in blocks.items():
         assert body == settings_doc.render(name), f"README.md block {name!r} is stale; {STALE}"
 
@@ -55,13 +55,13 @@ def test_rows_show_types_choices_and_defaults_as_written_in_optim_args():
 
 def test_refresh_fills_markers_and_check_reports_stale_files(tmp_path):
     page = tmp_path / "page.md"
-    page.write_text("intro\n\n<!-- settings-short:begin -->\nold table\n<!-- settings-short:end -->\n\noutro\n")
-    assert settings_doc.stale_blocks(page.read_text()) == ["settings-short"]
+    page.write_text("intro\n\n<!-- settings:begin -->\nold table\n<!-- settings:end -->\n\noutro\n")
+    assert settings_doc.stale_blocks(page.read_text()) == ["settings"]
     assert settings_doc.main(["--check", str(page)]) == 1
     assert settings_doc.main(["--write", str(page)]) == 0
     text = page.read_text()
-    assert text.startswith("intro\n\n<!-- settings-short:begin -->\n")
-    assert text.endswith("<!-- settings-short:end -->\n\noutro\n")
+    assert text.startswith("intro\n\n<!-- settings:begin -->\n")
+    assert text.endswith("<!-- settings:end -->\n\noutro\n")
     assert "old table" not in text and "| `switch_every` |" in text
     assert settings_doc.main(["--check", str(page)]) == 0
     assert settings_doc.refresh(text) == text

@@ -201,11 +201,6 @@ def _from_string(raw: str, hint) -> Any:
     raise ValueError(raw)  # a class or other object cannot be written as a string
 
 
-def _choice(name: str, value: Any, choices) -> None:
-    if value not in choices:
-        raise BAdamConfigError(f"{name}={value!r} is not valid; choose one of {', '.join(map(repr, choices))}.")
-
-
 def _with_args_doc(cls):
     """Append an `Args:` section built from the fields' help to the class docstring (help() shows it)."""
     lines = [f"        {f.name}: {help_text(f)}" for f in dataclasses.fields(cls) if help_text(f)]

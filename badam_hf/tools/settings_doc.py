@@ -5,9 +5,10 @@
     python -m badam_hf.tools.settings_doc --write docs/settings.md README.md   # refresh the marked blocks
     python -m badam_hf.tools.settings_doc --check docs/settings.md README.md   # exit 1 when one is stale
 
-A file holds a generated part between `<!-- settings:begin -->` and `<!-- settings:end -->` (every key) or
-`<!-- settings-short:begin -->` and `<!-- settings-short:end -->` (the keys whose field has a `summary`);
-the text around the markers is left alone. tests/test_settings_doc.py fails when a block is stale.
+A file holds a generated part between `<!-- settings:begin -->` and `<!-- settings:end -->` (the most-used
+keys: those whose field has a `summary`; README's table) or `<!-- settings-all:begin -->` and
+`<!-- settings-all:end -->` (every key); the text around the markers is left alone.
+tests/test_settings_doc.py fails when a block is stale.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def short_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-BLOCKS = {"settings": full_tables, "settings-short": short_table}
+BLOCKS = {"settings": short_table, "settings-all": full_tables}
 
 
 def _pattern(name: str) -> re.Pattern:
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in map(Path, args.write):
             text = path.read_text()
             if not blocks_in(text):
-                print(f"{path}: no <!-- settings:begin --> or <!-- settings-short:begin --> markers", file=sys.stderr)
+                print(f"{path}: no <!-- settings:begin --> or <!-- settings-all:begin --> markers", file=sys.stderr)
                 return 1
             path.write_text(refresh(text))
         return 0
