@@ -11,7 +11,7 @@ How to add a key (the field is the only place that names it):
      (`bool`, `int`, `float`, `int | None`, `list[str] | None`, `Literal[...]`) and peft-style
      `field(default=..., metadata={"help": "..."})`: the flat key, string parsing, type check and docs follow.
   2. Range checks and rules between keys go in that class's `__post_init__`: name the value and the choices.
-  3. Regenerate docs/settings.md: `python -m badam_hf.tools.settings_doc --write docs/settings.md`.
+  3. Regenerate the tables: `python -m badam_hf.tools.settings_doc --write docs/settings.md README.md`.
 """
 
 from __future__ import annotations
