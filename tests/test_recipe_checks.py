@@ -151,6 +151,7 @@ def test_a_repeated_override_key_is_refused():
 
 
 def test_check_refuses_a_repeated_override_key(capsys):
-    code = main(["train", "--check", "demo", "training.max_steps=3", "training.max_steps=4"])
+    # Overrides after --check are overrides too (argparse alone would call them unrecognized).
+    code = main(["train", "demo", "--check", "training.max_steps=3", "training.max_steps=4"])
     out, err = capsys.readouterr()
     assert code == 2 and "training.max_steps is given twice" in err and "valid" not in out

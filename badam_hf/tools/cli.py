@@ -138,7 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse ends the overrides at `--check`: `train RECIPE --check a.b=1` leaves `a.b=1` over.
+        if ns.command == "train" and not any(a.startswith("-") for a in extra):
+            ns.overrides = [*ns.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return ns.func(ns)
 
 
