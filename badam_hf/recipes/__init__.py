@@ -27,8 +27,8 @@ data `badam_hf.recipes.shipped`: a checkout and an installed wheel both list the
 
 Modules, each importing only those before it: `schema` (sections, key tables, TrainingArguments types),
 `overrides` (section.key=value), `discovery` (where recipes come from) <- `validate` (`Recipe`,
-`load_recipe`) <- `inputs` (are the model and data paths there: `check_inputs`) <- `builder` (model, tokenizer, data, Trainer: `build`) <- `runner` (train, save, summary:
-`run`). None of them imports this package's `__init__`.
+`load_recipe`) <- `inputs` (are the model and data there: `check_inputs`) <- `builder` (model, tokenizer,
+data, Trainer: `build`) <- `runner` (train, save, summary: `run`). None of them imports this package's `__init__`.
 """
 
 from ..core.errors import RecipeError
