@@ -17,6 +17,7 @@ from .core import (
     PartitionConfig,
     RecipeError,
     ScheduleConfig,
+    UnsupportedVersionError,
     partition_model,
 )
 from .engines import dispatch as _dispatch
@@ -42,6 +43,7 @@ __all__ = [
     "PartitionConfig",
     "RecipeError",
     "ScheduleConfig",
+    "UnsupportedVersionError",
     "make_badam_trainer",
     "partition_model",
 ]

@@ -100,6 +100,13 @@ def tiny_overrides(name, tmp_path):
     return ov
 
 
+def replacing(overrides, extra):
+    """`overrides` with `extra` added; an `extra` key replaces the same key in `overrides` (a key given twice
+    on the command line is refused)."""
+    keys = {e.split("=", 1)[0] for e in extra}
+    return [o for o in overrides if o.split("=", 1)[0] not in keys] + list(extra)
+
+
 def test_every_shipped_recipe_is_listed_and_validates():
     expected = {"demo", "llama2-7b-alpaca-gpt4", "llama3-8b-alpaca-gpt4", "llama3-8b-mathinstruct",
                 "llama3-70b-mathinstruct", "smollm2-135m-alpaca"} | {f"roberta-large-superglue-{t}" for t in
@@ -158,8 +165,8 @@ def test_shipped_recipe_runs_two_steps(name, tmp_path, capsys):
 
 def test_alpaca_labels_mask_the_prompt_and_only_visited_blocks_change(tmp_path):
     torch.manual_seed(0)
-    recipe = load_recipe("llama3-8b-alpaca-gpt4", tiny_overrides("llama3-8b-alpaca-gpt4", tmp_path)
-                         + ["badam.switch_mode=ascending", "model.dtype=float32", "training.bf16=false"])
+    recipe = load_recipe("llama3-8b-alpaca-gpt4", replacing(tiny_overrides("llama3-8b-alpaca-gpt4", tmp_path),
+                         ["badam.switch_mode=ascending", "model.dtype=float32", "training.bf16=false"]))
     built = R.build(recipe)
     tok = built.tokenizer
     ex = built.trainer.train_dataset[0]
@@ -178,10 +185,10 @@ def test_alpaca_labels_mask_the_prompt_and_only_visited_blocks_change(tmp_path):
 def test_classification_head_always_active(tmp_path):
     torch.manual_seed(0)
     name = "roberta-large-superglue-rte"
-    recipe = load_recipe(name, tiny_overrides(name, tmp_path) + ["training.eval_strategy=no",
+    recipe = load_recipe(name, replacing(tiny_overrides(name, tmp_path), ["training.eval_strategy=no",
                                                                  "training.load_best_model_at_end=false",
                                                                  "training.warmup_steps=0",
-                                                                 "training.max_steps=1"])
+                                                                 "training.max_steps=1"]))
     built = R.build(recipe)
     model = built.trainer.model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -302,14 +309,14 @@ def test_data_errors_name_the_field_and_record(tmp_path):
     del recs[3]["passage"]
     data = write_jsonl(tmp_path / "d.jsonl", recs)
     name = "roberta-large-superglue-boolq"
-    ov = tiny_overrides(name, tmp_path) + [f"data.dataset={data}"]
+    ov = replacing(tiny_overrides(name, tmp_path), [f"data.dataset={data}"])
     with pytest.raises(RecipeError, match=r"boolq record 3 has no 'passage' field"):
         R.build(load_recipe(name, ov))
     alp = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "x", "output": "y"}, {"instruction": "z"}])
-    ov = tiny_overrides("demo", tmp_path) + [f"data.dataset={alp}"]
+    ov = replacing(tiny_overrides("demo", tmp_path), [f"data.dataset={alp}"])
     with pytest.raises(RecipeError, match=r"record 1 has no 'output' field"):
         R.build(load_recipe("demo", ov))
-    ov = tiny_overrides("demo", tmp_path) + [f"data.dataset={tmp_path / 'nope.jsonl'}"]
+    ov = replacing(tiny_overrides("demo", tmp_path), [f"data.dataset={tmp_path / 'nope.jsonl'}"])
     with pytest.raises(RecipeError, match=r"data.dataset=.*nope.jsonl.*no such file"):
         R.build(load_recipe("demo", ov))
 

@@ -106,7 +106,13 @@ def test_installed_wheel_lists_and_checks_the_shipped_recipes(installed, tmp_pat
     listed = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
     assert listed == names, proc.stdout
 
-    proc = _run(["-m", "badam_hf", "train", "llama3-8b-alpaca-gpt4", "--check"], installed, tmp_path)
+    proc = _run(["-m", "badam_hf", "train", "demo", "--check"], installed, tmp_path)
     assert proc.returncode == 0, proc.stderr
     shipped = Path(found["shipped"])
-    assert f"{shipped / 'llama3-8b-alpaca-gpt4.yaml'}: valid (causal-lm;" in proc.stdout, proc.stdout
+    assert f"{shipped / 'demo.yaml'}: valid (causal-lm;" in proc.stdout, proc.stdout
+    # A hub model that is not in the cache cannot run under HF_HUB_OFFLINE=1 (set by _run): --check says so.
+    proc = _run(["-m", "badam_hf", "train", "llama3-8b-alpaca-gpt4", "--check",
+                 "model.name_or_path=badam-hf-tests/not-a-model"], installed, tmp_path)
+    assert proc.returncode == 2, proc.stdout
+    assert f"{shipped / 'llama3-8b-alpaca-gpt4.yaml'}: model.name_or_path='badam-hf-tests/not-a-model' is not a " \
+           "local folder and not in the Hugging Face cache" in proc.stderr, proc.stderr

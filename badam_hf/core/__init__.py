@@ -3,7 +3,14 @@ and `BlockOptimizer`. Imports only from `badam_hf.core` and third-party packages
 the optimizer's extension points (see `BlockOptimizer`)."""
 
 from .config import BAdamConfig, PartitionConfig, ScheduleConfig
-from .errors import BAdamConfigError, BAdamError, CheckpointMismatchError, DistributedSetupError, RecipeError
+from .errors import (
+    BAdamConfigError,
+    BAdamError,
+    CheckpointMismatchError,
+    DistributedSetupError,
+    RecipeError,
+    UnsupportedVersionError,
+)
 from .optimizer import BlockOptimizer, unwrap_optimizer
 from .partition import Partition, partition_model
 from .schedule import BlockSchedule
@@ -20,6 +27,7 @@ __all__ = [
     "PartitionConfig",
     "RecipeError",
     "ScheduleConfig",
+    "UnsupportedVersionError",
     "partition_model",
     "unwrap_optimizer",
 ]

@@ -28,3 +28,9 @@ class RecipeError(BAdamError, ValueError):
     def __init__(self, message: str, problems: list[str] | None = None):
         super().__init__(message)
         self.problems = list(problems) if problems else [message]
+
+
+class UnsupportedVersionError(BAdamError, RuntimeError):
+    """An installed transformers / accelerate lacks something badam_hf changes (a function was renamed or
+    moved): raised at `import badam_hf`, or, for an optional engine's (FSDP2, DeepSpeed), when that engine is
+    used. The message names the missing target and the versions badam_hf was tested with."""

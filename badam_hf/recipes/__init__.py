@@ -17,20 +17,24 @@ A recipe has four sections:
 
 The whole recipe (after overrides) is validated before any model or data is loaded: unknown sections or
 keys, wrong types, bad choices and missing required fields are all collected into one `RecipeError` that
-names each key and the file (one problem per line; the list in `RecipeError.problems`).
+names each key and the file (one problem per line; the list in `RecipeError.problems`). Then `check_inputs`
+looks for the model and data without loading them: a missing local path is a problem, a hub model that is
+not cached a note ("will be downloaded"), or a problem under HF_HUB_OFFLINE=1. A repeated override key is
+refused.
 
 Shipped recipes live in the repository's top-level `recipes/` folder, which is installed as the package
 data `badam_hf.recipes.shipped`: a checkout and an installed wheel both list them (see `discovery`).
 
 Modules, each importing only those before it: `schema` (sections, key tables, TrainingArguments types),
 `overrides` (section.key=value), `discovery` (where recipes come from) <- `validate` (`Recipe`,
-`load_recipe`) <- `builder` (model, tokenizer, data, Trainer: `build`) <- `runner` (train, save, summary:
-`run`). None of them imports this package's `__init__`.
+`load_recipe`) <- `inputs` (are the model and data there: `check_inputs`) <- `builder` (model, tokenizer,
+data, Trainer: `build`) <- `runner` (train, save, summary: `run`). None of them imports this package's `__init__`.
 """
 
 from ..core.errors import RecipeError
 from .builder import Built, Parts, build, build_parts
 from .discovery import ENV_RECIPES_DIR, SHIPPED_PACKAGE, describe, recipe_dirs, resolve, shipped_dir, shipped_recipes
+from .inputs import check_inputs
 from .overrides import apply_overrides, parse_override
 from .runner import print_summary, run
 from .schema import DATA_KEYS, DTYPES, MODEL_KEYS, SECTIONS, TEMPLATES, TOP_LEVEL, Key
@@ -53,6 +57,7 @@ __all__ = [
     "apply_overrides",
     "build",
     "build_parts",
+    "check_inputs",
     "describe",
     "load_recipe",
     "parse_override",

@@ -1,7 +1,9 @@
 """Building: a validated `Recipe` -> tokenizer, model, datasets and a `BAdamTrainer` (`build`, `Built`).
 
 `TrainingArguments` is built first (it checks the machine and rules between fields), so such a problem is
-reported before any data or weights are read. Imports `validate` of `badam_hf.recipes` (for `Recipe`).
+reported before any data or weights are read, and so is a missing local model or data path (`inputs`); a
+model that fails to load is one `RecipeError` line. Imports `validate` (for `Recipe`) and `inputs` of
+`badam_hf.recipes`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import RecipeError
+from .inputs import check_inputs
 from .validate import Recipe
+
+
+def _one_line(e: BaseException, limit: int = 400) -> str:
+    """`Type: message` on one line (whitespace collapsed), cut at `limit` characters."""
+    text = " ".join(str(e).split()) or "(no message)"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}"
 
 
 def _load_records(spec: str, *, split: str, hub_config: str | None, where: str, key: str) -> list[dict]:
@@ -109,6 +120,11 @@ def build_parts(recipe: Recipe) -> Parts:
         args = TrainingArguments(**recipe.training)
     except (ValueError, TypeError) as e:
         raise RecipeError(f"{where}: section 'training' is not usable here: {e}") from None
+    # A missing local model or data path (or a hub model under HF_HUB_OFFLINE=1 that is not cached): refused
+    # before anything is read, like `badam-hf train --check` reports it.
+    problems, _ = check_inputs(recipe)
+    if problems:
+        raise RecipeError("\n".join(problems), problems)
     # --- data (records first: a local tokenizer is trained on them) ---
     records = _load_records(d["dataset"], split=d["split"], hub_config=d["hub_config"], where=where, key="dataset")
     if d["max_samples"] is not None:
@@ -153,14 +169,23 @@ def build_parts(recipe: Recipe) -> Parts:
         # only when something is read from it.
         return resolve_model(m["name_or_path"])
 
+    def loading(key: str, load):
+        """`load()`, with a failure (hub error, bad folder, unknown architecture, ...) turned into one
+        RecipeError line naming the recipe key, without the chained traceback."""
+        try:
+            return load()
+        except Exception as e:  # noqa: BLE001 - every failure of a load is reported the same way
+            raise RecipeError(f"{where}: model.{key}={m[key]!r} could not be loaded: {_one_line(e)}") from None
+
     if (m["tokenizer"] or "") == "local":
         try:
             tokenizer = build_local_tokenizer(texts(records) + texts(eval_records), m["tokenizer_vocab_size"])
         except ValueError as e:
             raise RecipeError(f"{d['dataset']}: {e}") from None
     else:
-        tokenizer = AutoTokenizer.from_pretrained(resolve_model(m["tokenizer"]) if m["tokenizer"] else name_or_path(),
-                                                  trust_remote_code=m["trust_remote_code"])
+        key = "tokenizer" if m["tokenizer"] else "name_or_path"
+        tokenizer = loading(key, lambda: AutoTokenizer.from_pretrained(
+            resolve_model(m["tokenizer"]) if m["tokenizer"] else name_or_path(), trust_remote_code=m["trust_remote_code"]))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
 
@@ -200,13 +225,13 @@ def build_parts(recipe: Recipe) -> Parts:
         if "model_type" in cfg_values:
             config = AutoConfig.for_model(cfg_values.pop("model_type"), **cfg_values, **extra)
         else:
-            config = AutoConfig.from_pretrained(name_or_path(), **cfg_values, **extra)
+            config = loading("name_or_path", lambda: AutoConfig.from_pretrained(name_or_path(), **cfg_values, **extra))
         dtype = _dtype(m["dtype"])
         model = cls.from_config(config, dtype=torch.float32 if dtype == "auto" else dtype,
                                 trust_remote_code=m["trust_remote_code"])
     else:
-        model = cls.from_pretrained(name_or_path(), dtype=_dtype(m["dtype"]),
-                                    trust_remote_code=m["trust_remote_code"], **extra)
+        model = loading("name_or_path", lambda: cls.from_pretrained(name_or_path(), dtype=_dtype(m["dtype"]),
+                                                                    trust_remote_code=m["trust_remote_code"], **extra))
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = tokenizer.pad_token_id
 

@@ -31,12 +31,19 @@ def parse_override(item: str, source: str = "command line") -> tuple[list[str], 
 def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
     """A copy of `recipe` with each override set (sections created as needed).
 
-    Every override that cannot be applied is reported at once: one `RecipeError` lists them all."""
+    Every override that cannot be applied is reported at once: one `RecipeError` lists them all. A key given
+    twice (`training.max_steps=3 training.max_steps=4`) is refused: which one wins would be a guess."""
     recipe = copy.deepcopy(recipe)
     problems: list[str] = []
+    seen: dict[str, str] = {}
     for item in overrides:
         try:
-            _apply(recipe, item)
+            parts, value = parse_override(item)
+            key = ".".join(parts)
+            if key in seen:
+                raise RecipeError(f"override key {key} is given twice ({seen[key]!r} and {item!r}); give it once.")
+            seen[key] = item
+            _apply(recipe, item, parts, value)
         except RecipeError as e:
             problems.extend(e.problems)
     if problems:
@@ -44,8 +51,7 @@ def apply_overrides(recipe: dict, overrides: list[str]) -> dict:
     return recipe
 
 
-def _apply(recipe: dict, item: str) -> None:
-    parts, value = parse_override(item)
+def _apply(recipe: dict, item: str, parts: list[str], value: Any) -> None:
     node = recipe
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)

@@ -42,14 +42,19 @@ def _report(e) -> int:
 
 
 def _train(ns: argparse.Namespace) -> int:
-    from ..recipes import RecipeError, load_recipe, run
+    from ..recipes import RecipeError, check_inputs, load_recipe, run
 
     try:
         recipe = load_recipe(ns.recipe, ns.overrides)
     except RecipeError as e:
         return _report(e)
     if ns.check:
+        problems, notes = check_inputs(recipe)  # model and data paths, the hub cache: nothing is loaded
+        if problems:
+            return _report(RecipeError("\n".join(problems), problems))
         print(f"{recipe.path}: valid ({recipe.task}; BAdam {recipe.badam_flat or 'defaults'}).")
+        for note in notes:
+            print(f"  note: {note}")
         return 0
     try:
         run(recipe)
@@ -112,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     tr.add_argument("recipe", help="path to a recipe .yaml, or the name of a shipped recipe (see `badam-hf recipes`)")
     tr.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a recipe value")
-    tr.add_argument("--check", action="store_true", help="validate the recipe (with overrides) and exit")
+    tr.add_argument("--check", action="store_true", help="validate the recipe (with overrides), look for its model and data (no download) and exit")
     tr.set_defaults(func=_train)
 
     rc = sub.add_parser("recipes", help="list the shipped recipes", description="List the shipped recipes.")
@@ -133,7 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse ends the overrides at `--check`: `train RECIPE --check a.b=1` leaves `a.b=1` over.
+        if ns.command == "train" and not any(a.startswith("-") for a in extra):
+            ns.overrides = [*ns.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return ns.func(ns)
 
 
