@@ -235,6 +235,12 @@ class BAdamConfig:
             The weight is then the master rounded to nearest with ties toward zero (torch breaks ties to
             even: they differ when the dropped half is exactly 0x8000, about once in 65536 roundings, and
             are both half an ulp away). `false` keeps the fp32 masters whole.
+        chunked_loss: compute a causal LM's training loss in chunks of `loss_chunk_tokens` labelled tokens, so
+            the batch's full fp32 logits never exist (the head and cross-entropy are recomputed per chunk in
+            backward). Models it cannot serve keep their own loss (see `integrations.chunked_loss`); evaluation
+            always gets full logits. `false` trains with the model's own loss.
+        loss_chunk_tokens: tokens per chunk of the chunked loss (its temporaries are about 8 bytes x
+            chunk x vocabulary).
     """
 
     mode: str = "layer"
@@ -247,9 +253,17 @@ class BAdamConfig:
     truncate_backward: bool = True
     fp32_grad_accumulation: bool = True
     split_masters: bool = True
+    chunked_loss: bool = True
+    loss_chunk_tokens: int = 256
 
     def __post_init__(self):
-        for name in ("truncate_backward", "fp32_grad_accumulation", "split_masters"):
+        if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int) \
+                or self.loss_chunk_tokens < 1:
+            raise BAdamConfigError(
+                f"loss_chunk_tokens={self.loss_chunk_tokens!r} is not valid; it must be a whole number of tokens >= 1 "
+                "(default 256)."
+            )
+        for name in ("truncate_backward", "fp32_grad_accumulation", "split_masters", "chunked_loss"):
             if not isinstance(getattr(self, name), bool):
                 raise BAdamConfigError(f"{name}={getattr(self, name)!r} is not valid; it must be true or false.")
         if isinstance(self.partition, dict):
@@ -328,6 +342,8 @@ class BAdamConfig:
         out["truncate_backward"] = (None, bool)
         out["fp32_grad_accumulation"] = (None, bool)
         out["split_masters"] = (None, bool)
+        out["chunked_loss"] = (None, bool)
+        out["loss_chunk_tokens"] = (None, int)
         return out
 
     @classmethod
