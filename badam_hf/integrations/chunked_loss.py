@@ -35,9 +35,24 @@ _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling",
                      "lm_head_multiplier")
 
 
+def _autocast_dtype(device: torch.device):
+    """Autocast's dtype on `device` when it is on, else None (devices without autocast, such as meta: None)."""
+    try:
+        return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    except RuntimeError:
+        return None
+
+
+def _no_autocast(device: torch.device):
+    try:
+        return torch.autocast(device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast (meta)
+        return contextlib.nullcontext()
+
+
 def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype) -> torch.Tensor:
     """What `lm_head(hidden)` computes (in `dtype`: the weight's, or autocast's when it is on), as fp32."""
-    with torch.autocast(hidden.device.type, enabled=False):
+    with _no_autocast(hidden.device):
         logits = F.linear(hidden.to(dtype), weight, bias)
     return logits.float()
 
@@ -48,77 +63,96 @@ def _in_dtype(t: torch.Tensor | None, dtype) -> torch.Tensor | None:
 
 
 def _addmm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b without rounding the product to a and b's dtype first."""
-    if acc.device.type == "cuda" and a.dtype in (torch.bfloat16, torch.float16):
+    """acc (fp32) += a @ b without rounding the product to a and b's dtype first. CUDA (and meta) take bf16
+    operands with an fp32 output; elsewhere (CPU) the operands are upcast first."""
+    if a.dtype in (torch.bfloat16, torch.float16):
         try:
             torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             return
-        except (TypeError, RuntimeError):  # torch without out_dtype for addmm
+        except (TypeError, RuntimeError, NotImplementedError):  # no fp32-output matmul on this device / torch
             pass
     acc.addmm_(a.float(), b.float())
 
 
 class ChunkedHeadLoss(torch.autograd.Function):
-    """sum over tokens of cross_entropy(lm_head(hidden), targets), `chunk` tokens at a time.
+    """sum over tokens of cross_entropy(lm_head(hidden), targets), about `chunk` x vocabulary logits at a time.
 
-    `hidden` [N, H] holds only labelled tokens, `targets` [N] their labels. Per chunk the logits are computed
-    as the head computes them and upcast to fp32, like the model's own loss; the backward recomputes them and
-    turns them in place into the gradient (softmax - one-hot) x the incoming gradient. A frozen head (layer
-    mode) gets no gradient and costs nothing; a trained or tied head gets its gradient accumulated in fp32.
+    `hidden` [N, H] holds only labelled tokens, `targets` [N] their labels. Per chunk of tokens the logits are
+    computed as the head computes them and upcast to fp32, like the model's own loss. The backward recomputes
+    them and turns them into the gradient (softmax - one-hot) x the incoming gradient:
+    - frozen head (layer mode): chunk by chunk of tokens, only the hidden states' gradient; per token the
+      same log-softmax as the model's, so each row of the gradient is computed as the model's is;
+    - trained or tied head: slice by slice of the vocabulary over all tokens (softmax from the forward's
+      log-sum-exp), so each slice of the head's gradient is one matmul over all tokens, rounded once like the
+      model's, with no fp32 copy of the head's gradient; the hidden states' gradient is summed over the
+      slices in fp32 and rounded once.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int):
         device = hidden.device
-        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else weight.dtype
+        dtype = _autocast_dtype(device) or weight.dtype
+        by_vocab = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         total = torch.zeros((), dtype=torch.float32, device=device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=device) if by_vocab else None
         w, b = _in_dtype(weight, dtype), _in_dtype(bias, dtype)
         for start in range(0, hidden.shape[0], chunk):
             logits = _head_logits(hidden[start:start + chunk], w, b, dtype)
             # The same kernel as the model's cross_entropy (log-softmax, then the target's entry) row by row.
             logp = torch.log_softmax(logits, dim=-1)
-            del logits
             total -= logp.gather(1, targets[start:start + chunk, None]).sum()
             del logp
-        ctx.save_for_backward(hidden, weight, bias, targets)
+            if by_vocab:
+                lse[start:start + chunk] = torch.logsumexp(logits, dim=-1)
+            del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.dtype = chunk, dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        hidden, weight, bias, targets = ctx.saved_tensors
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk, dtype = ctx.chunk, ctx.dtype
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # fp32 accumulators across chunks; one chunk rounds its product once, like the model's own matmul.
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
         g = grad_total.float()
         w, b = _in_dtype(weight, dtype), _in_dtype(bias, dtype)
-        for start in range(0, hidden.shape[0], chunk):
-            h, y = hidden[start:start + chunk], targets[start:start + chunk]
-            logits = _head_logits(h, w, b, dtype)
-            grad = torch.log_softmax(logits, dim=-1)
-            del logits
-            # d(-log p_y)/dz = softmax - one_hot(y), times the incoming gradient (log-softmax's backward formula).
-            grad.exp_().mul_(g)
-            grad.scatter_add_(1, y[:, None], (-g).expand(y.shape[0], 1).contiguous())
-            grad = grad.to(dtype)  # the head's output dtype: the gradient flows back through it in that dtype
-            with torch.autocast(hidden.device.type, enabled=False):
-                if need_h:
+        if not (need_w or need_b):
+            grad_h = torch.empty_like(hidden) if need_h else None
+            for start in range(0, hidden.shape[0] if need_h else 0, chunk):
+                h, y = hidden[start:start + chunk], targets[start:start + chunk]
+                grad = torch.log_softmax(_head_logits(h, w, b, dtype), dim=-1)
+                # d(-log p_y)/dz = softmax - one_hot(y), times the incoming gradient (log-softmax's backward).
+                grad.exp_().mul_(g)
+                grad.scatter_add_(1, y[:, None], (-g).expand(y.shape[0], 1).contiguous())
+                grad = grad.to(dtype)  # the head's output dtype: the gradient flows back through it in that dtype
+                with _no_autocast(hidden.device):
                     grad_h[start:start + chunk] = grad @ w
+                del grad
+            return grad_h, None, None, None, None
+
+        n, vocab = hidden.shape[0], weight.shape[0]
+        width = max(1, -(-chunk * vocab // max(n, 1)))  # slices of about chunk x vocabulary logits
+        h = hidden.to(dtype)
+        acc_h = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_b = torch.empty_like(bias) if need_b else None
+        for v0 in range(0, vocab, width):
+            v1 = min(v0 + width, vocab)
+            grad = _head_logits(h, w[v0:v1], None if b is None else b[v0:v1], dtype)
+            grad.sub_(lse[:, None]).exp_().mul_(g)
+            local = targets - v0
+            inside = (local >= 0) & (local < v1 - v0)
+            grad.scatter_add_(1, local.clamp(0, v1 - v0 - 1)[:, None], (inside * -g)[:, None])
+            grad = grad.to(dtype)
+            with _no_autocast(hidden.device):
                 if need_w:
-                    _addmm_fp32(grad_w, grad.t(), h.to(dtype))
+                    torch.mm(grad.t(), h, out=grad_w[v0:v1])  # straight into the gradient: no slice-sized copy
                 if need_b:
-                    grad_b += grad.sum(0, dtype=torch.float32)
+                    grad_b[v0:v1] = grad.sum(0, dtype=torch.float32)
+                if need_h:
+                    _addmm_fp32(acc_h, grad, w[v0:v1])
             del grad
-        return (
-            grad_h,
-            None if grad_w is None else grad_w.to(weight.dtype),
-            None if grad_b is None else grad_b.to(bias.dtype),
-            None,
-            None,
-        )
+        return None if acc_h is None else acc_h.to(hidden.dtype), grad_w, grad_b, None, None
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module | None:
@@ -167,8 +201,10 @@ class _Capture:
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         self.hidden = hidden
         w = self.head.weight
-        # No memory: every entry is the one zero. The model only hands it to its loss function (below).
-        self.placeholder = torch.zeros((), dtype=w.dtype, device=hidden.device).expand(*hidden.shape[:-1], w.shape[0])
+        # No memory: every entry is the one NaN (anything computed from it shows). The model only hands it to
+        # its loss function (below).
+        self.placeholder = torch.full((), float("nan"), dtype=w.dtype, device=hidden.device).expand(
+            *hidden.shape[:-1], w.shape[0])
         return self.placeholder
 
 
@@ -194,7 +230,10 @@ def chunked_causal_lm_loss(model: nn.Module, chunk_tokens: int = DEFAULT_LOSS_CH
         hidden = hidden.reshape(-1, hidden.shape[-1])
         keep = shift_labels != ignore_index
         # Only labelled tokens are projected (their rows of the gradient; the others get zeros, as in the model's).
-        index = keep.nonzero().squeeze(1)
+        if hidden.device.type == "meta":  # a dry run has no labels to look at: count every token as labelled
+            index = torch.arange(keep.shape[0], device=hidden.device)
+        else:
+            index = keep.nonzero().squeeze(1)
         total = ChunkedHeadLoss.apply(hidden.index_select(0, index), head.weight, head.bias,
                                       shift_labels.index_select(0, index), chunk_tokens)
         capture.hidden = capture.placeholder = None
@@ -211,3 +250,8 @@ def chunked_causal_lm_loss(model: nn.Module, chunk_tokens: int = DEFAULT_LOSS_CH
     finally:
         del head.forward
         del lm._loss_function
+    if capture.hidden is not None:
+        raise RuntimeError(
+            f"chunked loss: {type(lm).__name__}'s head ran but its loss function was not called with the labels, so "
+            "its logits were never computed; set chunked_loss=false in the BAdam settings (optim_args)."
+        )

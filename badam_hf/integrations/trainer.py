@@ -113,7 +113,17 @@ def _chunked_loss_off_reason(trainer, model, inputs) -> str | None:
         return "a TRL trainer computes its own loss (SFTTrainer's fused LM head has no full logits either)"
     if getattr(trainer.args, "use_liger_kernel", False):
         return "use_liger_kernel: Liger's fused linear cross-entropy has no full logits either"
+    owner = _compute_loss_owner(trainer)
+    if owner is not Trainer:  # it may read the logits, which the chunked loss never makes
+        return f"{owner.__name__}.compute_loss is not the Trainer's own"
     return unsupported_reason(model)
+
+
+def _compute_loss_owner(trainer) -> type:
+    """The class whose compute_loss runs under BAdam's (the first one after BAdamMixin in the MRO)."""
+    mro = type(trainer).__mro__
+    start = mro.index(BAdamMixin) + 1 if BAdamMixin in mro else 0
+    return next(cls for cls in mro[start:] if "compute_loss" in vars(cls))
 
 
 def compute_loss_maybe_chunked(trainer, compute_loss, model, inputs, *args, **kwargs):
