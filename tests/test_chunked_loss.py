@@ -133,6 +133,11 @@ def test_a_model_that_changes_its_logits_is_refused_not_miscomputed(tiny_llama):
             model(input_ids=ids, labels=labels)
         model.lm_head.forward = head_forward
     assert type(model.lm_head).forward is original
+    # A forward without labels inside the context would hand back placeholder logits: refused as well.
+    with pytest.raises(RuntimeError, match="loss function was not called"):
+        with chunked_causal_lm_loss(model, 4):
+            model(input_ids=ids)
+    assert "forward" not in vars(model.lm_head) and "_loss_function" not in vars(model)
 
 
 def test_no_full_logits_are_alive(tiny_llama):

@@ -219,6 +219,7 @@ def chunked_causal_lm_loss(model: nn.Module, chunk_tokens: int = DEFAULT_LOSS_CH
     def loss_function(logits, labels, vocab_size=None, num_items_in_batch=None, ignore_index=-100,
                       shift_labels=None, **kwargs):
         if capture.hidden is None or logits is not capture.placeholder:
+            capture.hidden = capture.placeholder = None  # this error is the one to report
             raise RuntimeError(
                 f"chunked loss: {type(lm).__name__} changed its logits between the head and the loss, so the chunked "
                 "loss would be wrong; set chunked_loss=false in the BAdam settings (optim_args) for this model."
