@@ -254,7 +254,7 @@ class BAdamConfig:
     fp32_grad_accumulation: bool = True
     split_masters: bool = True
     chunked_loss: bool = True
-    loss_chunk_tokens: int = 256
+    loss_chunk_tokens: int = 256  # = chunked_loss.DEFAULT_LOSS_CHUNK_TOKENS (config stays free of integrations)
 
     def __post_init__(self):
         if isinstance(self.loss_chunk_tokens, bool) or not isinstance(self.loss_chunk_tokens, int) \
