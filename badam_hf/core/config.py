@@ -427,12 +427,27 @@ class BAdamConfig:
         "master rounded to nearest with ties toward zero (torch breaks ties to even: they differ about once in "
         "65536 roundings, both half an ulp away). `false` keeps the fp32 masters whole."
     )})
+    chunked_loss: bool = field(default=True, metadata={"help": (
+        "compute a causal LM's training loss in chunks of `loss_chunk_tokens` labelled tokens, so the batch's "
+        "full fp32 logits never exist (head and cross-entropy recomputed per chunk in backward). Models it cannot "
+        "serve keep their own loss (see `integrations.chunked_loss`); evaluation always gets full logits. `false` "
+        "trains with the model's own loss."
+    )})
+    # = chunked_loss.DEFAULT_LOSS_CHUNK_TOKENS (config stays free of integrations)
+    loss_chunk_tokens: int = field(default=256, metadata={"help": (
+        "tokens per chunk of the chunked loss (its temporaries are about 8 bytes x chunk x vocabulary), >= 1."
+    )})
 
     def __post_init__(self):
         for name, cls in self.sections().items():  # a dict becomes its section; a caller's object is kept
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
         check_types(self)
+        if self.loss_chunk_tokens < 1:
+            raise BAdamConfigError(
+                f"loss_chunk_tokens={self.loss_chunk_tokens!r} is not valid; it must be a whole number of tokens >= 1 "
+                "(default 256)."
+            )
         if self.schedule.switch_every is None:
             # A copy: the ScheduleConfig the caller passed may serve another config with another mode.
             self.schedule = dataclasses.replace(self.schedule, switch_every=DEFAULT_SWITCH_EVERY[self.mode])

@@ -10,7 +10,8 @@ inert unless a BlockOptimizer is involved. Tested with transformers 5.24 and acc
    `Trainer` builds a `BlockOptimizer`.
 3. A check at the end of `TrainingArguments.__post_init__`, so bad `--optim_args` (and a DeepSpeed config
    BAdam cannot train with) fail when the arguments are parsed, before any model or data is loaded.
-4. After `Trainer.create_optimizer` returns a BlockOptimizer, the `BAdamCallback` is attached.
+4. After `Trainer.create_optimizer` returns a BlockOptimizer, the `BAdamCallback` is attached and the trainer's
+   compute_loss computes a causal LM's loss in chunks (`chunked_loss`, see `integrations.chunked_loss`).
 5. Under FSDP2, `save_fsdp_optimizer` / `load_fsdp_optimizer` (in `transformers.trainer` and
    `accelerate.accelerator`) save and load a BlockOptimizer as one file per rank: accelerate's own path goes
    through torch.distributed.checkpoint and would take a fake optimizer step (a block switch) on an
@@ -48,7 +49,7 @@ from ..engines.common import engine_from_environment, engine_of
 from ..engines.deepspeed import attach_deepspeed
 from ..engines.dispatch import check_training_args
 from ..engines.fsdp2 import load_sharded_optimizer, save_sharded_optimizer
-from .trainer import block_optimizer_from_args, ensure_badam_callback
+from .trainer import block_optimizer_from_args, ensure_badam_callback, install_chunked_loss
 
 OPTIM_NAME = "badam"
 MEMBER_NAME = "BADAM"
@@ -240,6 +241,7 @@ def _wrap_create_optimizer(original):
         opt = original(self, *a, **kw)
         if unwrap_optimizer(opt) is not None:
             ensure_badam_callback(self)
+            install_chunked_loss(self)
         return opt
 
     return create_optimizer

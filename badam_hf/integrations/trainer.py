@@ -9,13 +9,18 @@ block is a pure function of the optimizer's step count; the callback keeps that 
 
 from __future__ import annotations
 
+import logging
 import weakref
 
+import torch
 from transformers import Trainer, TrainerCallback
 
 from ..core.config import BAdamConfig
 from ..core.optimizer import BlockOptimizer, check_model, partition_for, schedule_for, unwrap_optimizer
 from ..engines.dispatch import attach_wrapped_model, check_training_args
+from .chunked_loss import chunked_causal_lm_loss, unsupported_reason
+
+logger = logging.getLogger(__name__)
 
 
 def block_optimizer_from_args(
@@ -87,6 +92,67 @@ def ensure_badam_callback(trainer: Trainer) -> None:
             cb._trainer = weakref.ref(trainer)  # to reach `trainer.model_wrapped` (DDP) at train begin
 
 
+def _trainer_badam_config(trainer) -> BAdamConfig | None:
+    config = getattr(trainer, "badam_config", None)
+    if config is None:
+        opt = unwrap_optimizer(getattr(trainer, "optimizer", None))
+        config = opt.config if opt is not None else None
+    return config
+
+
+def _chunked_loss_off_reason(trainer, model, inputs) -> str | None:
+    """Why this compute_loss call keeps the model's own loss; None when it is chunked."""
+    config = _trainer_badam_config(trainer)
+    if config is None or not config.chunked_loss:
+        return "chunked_loss=false"
+    if not model.training or not torch.is_grad_enabled() or "labels" not in inputs:
+        return "not a training step with labels"  # evaluation and prediction keep the full logits
+    if trainer.label_smoother is not None or trainer.compute_loss_func is not None:
+        return "the Trainer computes the loss from the logits (label smoothing or compute_loss_func)"
+    if any(cls.__module__.split(".")[0] == "trl" for cls in type(trainer).__mro__):
+        return "a TRL trainer computes its own loss (SFTTrainer's fused LM head has no full logits either)"
+    if getattr(trainer.args, "use_liger_kernel", False):
+        return "use_liger_kernel: Liger's fused linear cross-entropy has no full logits either"
+    owner = _compute_loss_owner(trainer)
+    if owner is not Trainer:  # it may read the logits, which the chunked loss never makes
+        return f"{owner.__name__}.compute_loss is not the Trainer's own"
+    return unsupported_reason(model)
+
+
+def _compute_loss_owner(trainer) -> type:
+    """The class whose compute_loss runs under BAdam's (the first one after BAdamMixin in the MRO)."""
+    mro = type(trainer).__mro__
+    start = mro.index(BAdamMixin) + 1 if BAdamMixin in mro else 0
+    return next(cls for cls in mro[start:] if "compute_loss" in vars(cls))
+
+
+def compute_loss_maybe_chunked(trainer, compute_loss, model, inputs, *args, **kwargs):
+    """`compute_loss(model, inputs, ...)` (the Trainer's own), with the model's causal-LM loss computed in chunks
+    of tokens when it can be (`integrations.chunked_loss`); everything else of the Trainer's loss is its own."""
+    reason = _chunked_loss_off_reason(trainer, model, inputs)
+    if reason is not None:
+        if model.training and getattr(trainer, "_badam_chunk_note", None) != reason:
+            trainer._badam_chunk_note = reason
+            logger.info("BAdam: the training loss is the model's own (not chunked): %s.", reason)
+        return compute_loss(model, inputs, *args, **kwargs)
+    with chunked_causal_lm_loss(model, _trainer_badam_config(trainer).loss_chunk_tokens):
+        return compute_loss(model, inputs, *args, **kwargs)
+
+
+def install_chunked_loss(trainer: Trainer) -> None:
+    """For a plain Trainer that got a BlockOptimizer (`--optim badam`): route its compute_loss through
+    `compute_loss_maybe_chunked` (BAdamTrainer does it in its class). Once per trainer."""
+    if isinstance(trainer, BAdamMixin) or getattr(trainer.compute_loss, "_badam_chunked", False):
+        return
+    original = trainer.compute_loss
+
+    def compute_loss(model, inputs, *args, **kwargs):
+        return compute_loss_maybe_chunked(trainer, original, model, inputs, *args, **kwargs)
+
+    compute_loss._badam_chunked = True
+    trainer.compute_loss = compute_loss
+
+
 class BAdamMixin:
     """Makes a Trainer (sub)class train with BAdam. Settings come from `badam_config=` or from
     `args.optim_args` / `args.optim_target_modules`, and are checked against the model at construction."""
@@ -115,6 +181,9 @@ class BAdamMixin:
                 partition=partition if cached_model is opt_model else None,
             )
         return self.optimizer
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        return compute_loss_maybe_chunked(self, super().compute_loss, model, inputs, *args, **kwargs)
 
 
 def make_badam_trainer(trainer_cls: type[Trainer]) -> type[Trainer]:
