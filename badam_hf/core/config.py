@@ -235,6 +235,7 @@ class BAdamConfig:
             The weight is then the master rounded to nearest with ties toward zero (torch breaks ties to
             even: they differ when the dropped half is exactly 0x8000, about once in 65536 roundings, and
             are both half an ulp away). `false` keeps the fp32 masters whole.
+        skip_nonfinite, max_skipped_steps: see the fields' help.
     """
 
     mode: str = "layer"
@@ -247,9 +248,21 @@ class BAdamConfig:
     truncate_backward: bool = True
     fp32_grad_accumulation: bool = True
     split_masters: bool = True
+    skip_nonfinite: bool = field(default=True, metadata={"help": (
+        "skip an optimizer step whose active-block gradient holds inf/NaN (one fused check before the inner step): "
+        "weights, masters and moments stay as they were, and the step still counts towards switch_every. "
+        "false: step regardless.")})
+    max_skipped_steps: int = field(default=10, metadata={"help": (
+        "with skip_nonfinite, stop training (NonFiniteGradientError) after this many skipped steps in a row.")})
 
     def __post_init__(self):
-        for name in ("truncate_backward", "fp32_grad_accumulation", "split_masters"):
+        if isinstance(self.max_skipped_steps, bool) or not isinstance(self.max_skipped_steps, int) \
+                or self.max_skipped_steps < 1:
+            raise BAdamConfigError(
+                f"max_skipped_steps={self.max_skipped_steps!r} is not valid; it is the number of non-finite steps in "
+                "a row that stops training and must be an integer >= 1 (default 10)."
+            )
+        for name in ("truncate_backward", "fp32_grad_accumulation", "split_masters", "skip_nonfinite"):
             if not isinstance(getattr(self, name), bool):
                 raise BAdamConfigError(f"{name}={getattr(self, name)!r} is not valid; it must be true or false.")
         if isinstance(self.partition, dict):
@@ -328,6 +341,8 @@ class BAdamConfig:
         out["truncate_backward"] = (None, bool)
         out["fp32_grad_accumulation"] = (None, bool)
         out["split_masters"] = (None, bool)
+        out["skip_nonfinite"] = (None, bool)
+        out["max_skipped_steps"] = (None, int)
         return out
 
     @classmethod

@@ -28,3 +28,11 @@ class RecipeError(BAdamError, ValueError):
     def __init__(self, message: str, problems: list[str] | None = None):
         super().__init__(message)
         self.problems = list(problems) if problems else [message]
+
+
+class CheckpointReadError(BAdamError, ValueError):
+    """An optimizer checkpoint file that cannot be read (empty, truncated, not a torch file); names the file."""
+
+
+class NonFiniteGradientError(BAdamError, RuntimeError):
+    """Training stopped: `max_skipped_steps` optimizer steps in a row had inf/NaN gradients."""
