@@ -48,12 +48,13 @@ class BAdamCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer)
         trainer = self._trainer() if getattr(self, "_trainer", None) is not None else None
-        if opt is not None and opt.loaded_step is not None:
-            # An optimizer state was loaded for this run (any engine's path): it must be the one saved with
-            # the Trainer's state, or its moments belong to another point of the run.
+        resumed_from = trainer.__dict__.pop("_badam_resume_checkpoint", None) if trainer is not None else None
+        if opt is not None:
+            # An optimizer state loaded for this resume (any engine's path) must be the one saved with the
+            # Trainer's state, or its moments belong to another point of the run.
             loaded, opt.loaded_step = opt.loaded_step, None
-            if loaded != state.global_step:
-                where = getattr(trainer, "_badam_resume_checkpoint", None) or "the checkpoint"
+            if resumed_from is not None and loaded is not None and loaded != state.global_step:
+                where = resumed_from
                 raise CheckpointMismatchError(
                     f"the optimizer state loaded from {where} was saved at step {loaded}, but its trainer_state.json "
                     f"says global step {state.global_step}; resume from a checkpoint whose files were saved together."
@@ -145,7 +146,8 @@ def check_resume(trainer: Trainer, checkpoint: str | None) -> None:
         return
     trainer._badam_resume_checkpoint = checkpoint
     if getattr(trainer, "is_deepspeed_enabled", False):
-        return
+        return  # DeepSpeed has loaded its files already (the load sets opt.loaded_step)
+    opt.loaded_step = None  # what accelerate's prepare round-trips through load_state_dict is no resume
     path = optimizer_state_file(trainer, checkpoint)
     scheduler = os.path.join(checkpoint, "scheduler.pt")
     step = trainer.state.global_step
