@@ -924,12 +924,15 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise CheckpointMismatchError(
                 f"the checkpoint has optimizer state for inactive parameter {self._names[int(stray[0])]!r}."
             )
-        masterless = [i for i, e in state_dict["state"].items() if "master" in e and not self._needs_master(self._names[int(i)])]
-        if masterless:
-            name = self._names[int(masterless[0])]
+        # Masters exist exactly for low-precision (or sharded) weights: another dtype would lose the moments.
+        odd = [i for i, e in state_dict["state"].items() if ("master" in e) != self._needs_master(self._names[int(i)])]
+        if odd:
+            name = self._names[int(odd[0])]
+            has = "holds" if "master" in state_dict["state"][odd[0]] else "lacks"
             raise CheckpointMismatchError(
-                f"the checkpoint holds an fp32 master for {name!r} (saved with low-precision weights) but this run's "
-                f"{name!r} is {self._params[name].dtype} and needs none; resume with the weights' dtype of the saved run."
+                f"the checkpoint {has} an fp32 master for {name!r}, but this run's weight is "
+                f"{self._params[name].dtype} and needs {'none' if has == 'holds' else 'one'}; resume with the weights' "
+                "dtype of the saved run."
             )
         return step
 
