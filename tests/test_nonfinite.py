@@ -240,3 +240,21 @@ def test_config_keys():
         BAdamConfig.from_optim_args("max_skipped_steps=0")
     with pytest.raises(BAdamConfigError, match=r"skip_nonfinite='maybe'.*true/false"):
         BAdamConfig.from_optim_args("skip_nonfinite=maybe")
+
+
+@pytest.mark.multiprocess
+def test_ddp_ranks_take_the_same_decision(tmp_path):
+    """Two DDP ranks, a NaN written into rank 0's reduced gradient only: both skip and stay identical; without
+    the flag reduce (control) rank 1 steps alone and the replicas part."""
+    from pathlib import Path
+
+    from dist_common import launch, load, read, same
+
+    launch(str(Path(__file__).parent / "dist_workers" / "nonfinite_worker.py"), str(tmp_path), timeout=150)
+    for name in ("agree", "agree_bf16"):
+        r0, r1 = read(tmp_path, f"{name}_rank0"), read(tmp_path, f"{name}_rank1")
+        assert r0 == r1 == {"skipped": 1, "step": 4, "block": 2, "step1_unchanged": True}, name
+        assert same(load(tmp_path, f"{name}_rank0"), load(tmp_path, f"{name}_rank1")), name
+    c0, c1 = read(tmp_path, "control_rank0"), read(tmp_path, "control_rank1")
+    assert (c0["skipped"], c1["skipped"], c0["step1_unchanged"], c1["step1_unchanged"]) == (1, 0, True, False)
+    assert not same(load(tmp_path, "control_rank0"), load(tmp_path, "control_rank1"))
