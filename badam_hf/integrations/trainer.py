@@ -54,9 +54,8 @@ class BAdamCallback(TrainerCallback):
             # Trainer's state, or its moments belong to another point of the run.
             loaded, opt.loaded_step = opt.loaded_step, None
             if resumed_from is not None and loaded is not None and loaded != state.global_step:
-                where = resumed_from
                 raise CheckpointMismatchError(
-                    f"the optimizer state loaded from {where} was saved at step {loaded}, but its trainer_state.json "
+                    f"the optimizer state loaded from {resumed_from} was saved at step {loaded}, but its trainer_state.json "
                     f"says global step {state.global_step}; resume from a checkpoint whose files were saved together."
                 )
         if opt is not None and opt.global_step != state.global_step:
