@@ -437,6 +437,14 @@ class BAdamConfig:
     loss_chunk_tokens: int = field(default=256, metadata={"help": (
         "tokens per chunk of the chunked loss (its temporaries are about 8 bytes x chunk x vocabulary), >= 1."
     )})
+    skip_nonfinite: bool = field(default=True, metadata={"help": (
+        "skip an optimizer step whose active-block gradient holds inf/NaN (one fused check before the inner step): "
+        "weights, masters and moments stay as they were, and the step still counts towards switch_every. "
+        "`false`: step regardless."
+    )})
+    max_skipped_steps: int = field(default=10, metadata={"help": (
+        "with skip_nonfinite, stop training (NonFiniteGradientError) after this many skipped steps in a row, >= 1."
+    )})
 
     def __post_init__(self):
         for name, cls in self.sections().items():  # a dict becomes its section; a caller's object is kept
@@ -447,6 +455,11 @@ class BAdamConfig:
             raise BAdamConfigError(
                 f"loss_chunk_tokens={self.loss_chunk_tokens!r} is not valid; it must be a whole number of tokens >= 1 "
                 "(default 256)."
+            )
+        if self.max_skipped_steps < 1:
+            raise BAdamConfigError(
+                f"max_skipped_steps={self.max_skipped_steps!r} is not valid; it is the number of non-finite steps in "
+                "a row that stops training and must be an integer >= 1 (default 10)."
             )
         if self.schedule.switch_every is None:
             # A copy: the ScheduleConfig the caller passed may serve another config with another mode.

@@ -34,3 +34,11 @@ class UnsupportedVersionError(BAdamError, RuntimeError):
     """An installed transformers / accelerate lacks something badam_hf changes (a function was renamed or
     moved): raised at `import badam_hf`, or, for an optional engine's (FSDP2, DeepSpeed), when that engine is
     used. The message names the missing target and the versions badam_hf was tested with."""
+
+
+class CheckpointReadError(BAdamError, ValueError):
+    """An optimizer checkpoint file that cannot be read (empty, truncated, not a torch file); names the file."""
+
+
+class NonFiniteGradientError(BAdamError, RuntimeError):
+    """Training stopped: `max_skipped_steps` optimizer steps in a row had inf/NaN gradients."""

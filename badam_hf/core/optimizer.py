@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from collections import OrderedDict
 from types import MappingProxyType
 from typing import Any, Callable
@@ -29,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .backward_truncation import BackwardTruncation
 from .config import BAdamConfig
-from .errors import BAdamConfigError, CheckpointMismatchError
+from .errors import BAdamConfigError, CheckpointMismatchError, NonFiniteGradientError
 from .masters import (
     MasterBuffer,
     flat_like,
@@ -45,6 +46,7 @@ from .schedule import BlockSchedule
 from .selection import GatheredMasters, local_range, localize, select_entries, selection_template
 
 STATE_VERSION = 1
+logger = logging.getLogger("badam_hf")
 
 
 def _fused_supported(model: nn.Module, inner_cls: type) -> bool:
@@ -127,6 +129,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         opt.register_grad_keep_check(fn): fn() -> True while an engine reduces the parameters' gradients in
             the current backward (DDP's sync pass): the fp32 accumulation then hands the parameter its whole
             accumulated gradient, rounded once, instead of taking it.
+        opt.register_flag_reduce(fn): fn(flag) all-reduces a one-element float tensor (max) over the ranks
+            that train together, so every rank takes the same decision on a non-finite step.
         torch's own `register_step_pre_hook`, `register_state_dict_post_hook`,
             `register_load_state_dict_pre_hook` / `_post_hook` for engine state in checkpoints.
     """
@@ -189,7 +193,11 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._inactive_hooks: dict[str, RemovableHandle] = {}
         self._boundary_checks: OrderedDict[int, Callable[[], bool]] = OrderedDict()
         self._driver = None
+        self._flag_reducers: OrderedDict[int, Callable[[torch.Tensor], None]] = OrderedDict()
         self.global_step = 0
+        self.skipped_steps = 0  # steps skipped for inf/NaN gradients (all of them; see skip_nonfinite)
+        self._skips_in_a_row = 0
+        self.loaded_step: int | None = None  # the step of the last state loaded (resume checks compare it)
         self.active_blocks: tuple[int, ...] = self.schedule.active_at(0)
         self.active_block: int = self.active_blocks[0]
 
@@ -321,6 +329,11 @@ class BlockOptimizer(torch.optim.Optimizer):
     def register_grad_keep_check(self, check: Callable[[], bool]) -> RemovableHandle:
         handle = RemovableHandle(self._grad_keep_checks)
         self._grad_keep_checks[handle.id] = check
+        return handle
+
+    def register_flag_reduce(self, fn: Callable[[torch.Tensor], None]) -> RemovableHandle:
+        handle = RemovableHandle(self._flag_reducers)
+        self._flag_reducers[handle.id] = fn
         return handle
 
     def register_boundary_check(self, check: Callable[[], bool]) -> RemovableHandle:
@@ -713,7 +726,6 @@ class BlockOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._attach_master_grads()
-        self._apply_waiting_inactive()
         names = [n for n in self._trainable if n in self._masters]
         params = [self._params[n] for n in names]
         masters = [self._masters[n] for n in names]
@@ -722,10 +734,70 @@ class BlockOptimizer(torch.optim.Optimizer):
         if any(p.grad is not None for p in params):
             grads_to_masters(params, masters, [self._grad_buffer(n) for n in names],
                              [self._selection.get(n) for n in names])
+        if self.config.skip_nonfinite and not self.grads_finite():
+            self._skip_step()
+            return loss
+        self._apply_waiting_inactive()
         self.inner.step()
+        self.note_step(skipped=False)
         self._write_back()
         self.advance()
         return loss
+
+    # --- non-finite steps ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def grads_finite(self) -> bool:
+        """Whether every gradient the inner optimizer is about to use is finite, on every rank: one fused
+        reduction (each tensor's largest |g|: NaN and inf propagate, no overflow) and, under an engine, one
+        all-reduce of the verdict. Costs one host sync per step."""
+        grads = [t.grad for g in self.inner.param_groups for t in g["params"] if t.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads, float("inf"))
+            bad = (~torch.stack([n.to(norms[0].device) for n in norms]).float().isfinite()).any().float()
+        else:
+            bad = torch.zeros((), device=local_shard(next(iter(self._params.values()))).device)
+        for reduce in list(self._flag_reducers.values()):
+            reduce(bad)
+        return not bool(bad)
+
+    @torch.no_grad()
+    def _skip_step(self) -> None:
+        """Drop this step's gradients; weights, masters and moments stay as they were (masters held split go
+        back to being split: the weights are rewritten with the bits they already hold)."""
+        for buf in self._master_buffers:
+            for m in buf.masters:
+                m.grad = None
+            if self.config.split_masters and buf.can_split:
+                buf.split()
+        for name in self._trainable + self._inactive:
+            self._params[name].grad = None
+        self._grad_buffers = None
+        self._pending.clear()
+        self.note_step(skipped=True)
+        self.advance()
+
+    def note_step(self, skipped: bool) -> None:
+        """Count a step taken or skipped for inf/NaN gradients; too many skips in a row stop training."""
+        if not skipped:
+            self._skips_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        where = f"step {self.global_step + 1}, block {self.active_block_name!r}"
+        if self._skips_in_a_row >= self.config.max_skipped_steps:
+            raise NonFiniteGradientError(
+                f"{self._skips_in_a_row} optimizer steps in a row had inf/NaN gradients (the last at {where}); "
+                f"stopping (max_skipped_steps={self.config.max_skipped_steps}). The weights hold the values from before "
+                "the first skipped step. Try a lower learning rate or a longer warmup, gradient clipping "
+                "(max_grad_norm), bf16 instead of fp16, or look for broken examples in the data; then resume from "
+                "the last checkpoint."
+            )
+        logger.warning(
+            "BAdam skipped optimizer step (%s): inf/NaN gradient; weights, masters and moments unchanged. The step "
+            "still counts towards switch_every. %d skipped so far, %d in a row (training stops at %d).",
+            where, self.skipped_steps, self._skips_in_a_row, self.config.max_skipped_steps,
+        )
 
     # --- checkpointing ------------------------------------------------------------------------------
     # torch's state-dict hooks run as in torch.optim.Optimizer (engines add their state through them).
@@ -772,6 +844,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             "mode": self.mode,
             "active_blocks": list(self.active_blocks),
             "mode_settings": self._mode_settings(),
+            "skipped_steps": self.skipped_steps,
         }
         return {"state": state, "param_groups": groups, "badam": badam}
 
@@ -825,6 +898,7 @@ class BlockOptimizer(torch.optim.Optimizer):
             ("switch_every", self.schedule.switch_every),
             ("switch_mode", self.schedule.mode),
             ("seed", self.config.schedule.seed),
+            ("inner_optimizer", type(self.inner).__name__),  # its moments mean nothing to another optimizer
         ):
             saved = badam.get(key, {"mode": "layer", "mode_settings": {}}.get(key))  # older checkpoints: layer mode
             if saved != mine:
@@ -850,6 +924,16 @@ class BlockOptimizer(torch.optim.Optimizer):
             raise CheckpointMismatchError(
                 f"the checkpoint has optimizer state for inactive parameter {self._names[int(stray[0])]!r}."
             )
+        # Masters exist exactly for low-precision (or sharded) weights: another dtype would lose the moments.
+        odd = [i for i, e in state_dict["state"].items() if ("master" in e) != self._needs_master(self._names[int(i)])]
+        if odd:
+            name = self._names[int(odd[0])]
+            has = "holds" if "master" in state_dict["state"][odd[0]] else "lacks"
+            raise CheckpointMismatchError(
+                f"the checkpoint {has} an fp32 master for {name!r}, but this run's weight is "
+                f"{self._params[name].dtype} and needs {'none' if has == 'holds' else 'one'}; resume with the weights' "
+                "dtype of the saved run."
+            )
         return step
 
     def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -858,6 +942,8 @@ class BlockOptimizer(torch.optim.Optimizer):
         for group, saved in zip(self.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
         self.seek(step)
+        self.loaded_step = step
+        self.skipped_steps = int(state_dict["badam"].get("skipped_steps", 0))
 
         saved_state = state_dict["state"]
         if any("master" in entry for entry in saved_state.values()):

@@ -13,11 +13,13 @@ import weakref
 import torch
 from torch import nn
 
-from ..core.errors import DistributedSetupError
+from ..core.errors import CheckpointReadError, DistributedSetupError
 from ..core.optimizer import BlockOptimizer, unwrap_optimizer
 
 __all__ = [
     "accelerate_fsdp_plugin",
+    "all_reduce_max",
+    "read_optimizer_state",
     "accelerate_state_ready",
     "engine_from_environment",
     "unsupported_engine",
@@ -184,6 +186,34 @@ def local_device(opt, group=None) -> torch.device:
     return device
 
 
+def read_optimizer_state(path: str, fix: str | None = None, mmap: bool = False, weights_only: bool = True) -> dict:
+    """`torch.load` of an optimizer checkpoint file, refusing an unreadable one with a message that names the
+    file and what to do (torch's own says neither: `PytorchStreamReader failed ...`, a bare `EOFError`)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except Exception as e:  # any failure to read is the same for the user: this file is damaged
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        raise CheckpointReadError(
+            f"cannot read the optimizer state {path} ({type(e).__name__}: {reason}); the file is empty, truncated or "
+            "not a torch checkpoint. Resume from an earlier checkpoint, or "
+            + (fix or f"delete {path} to resume without it (the Adam moments and the learning-rate schedule then "
+               "restart, with a warning).")
+        ) from e
+    if not isinstance(state, dict):
+        raise CheckpointReadError(f"the optimizer state {path} holds a {type(state).__name__}, not a state dict; "
+                                  "resume from an earlier checkpoint.")
+    return state
+
+
+def all_reduce_max(flag: torch.Tensor, opt, group=None) -> None:
+    """`flag` (one element) becomes its maximum over the group's ranks, in place."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1):
+        return
+    t = flag.to(local_device(opt, group))
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=group)
+    flag.copy_(t)
+
+
 def holds_parameters(module: nn.Module, opt) -> bool:
     """Whether `module` holds every parameter the optimizer trains (it wraps the optimizer's model)."""
     mine = {id(p) for p in module.parameters()}
@@ -210,12 +240,15 @@ def install_sync(opt: BlockOptimizer, sync):
     """Make `sync` the optimizer's engine hook, replacing an earlier one (re-attached to a new wrapper, e.g.
     by a second train() call), and run it once now for the block that is active. A sync with a
     `keeps_grads()` method is also registered as the optimizer's grad-keep check (see
-    `BlockOptimizer.register_grad_keep_check`)."""
+    `BlockOptimizer.register_grad_keep_check`), one with `reduce_max(flag)` as its flag reduce (the ranks'
+    common verdict on a non-finite step)."""
     check_mode_supported(opt, getattr(sync, "engine_name", type(sync).__name__))
     detach_sync(opt)
     sync(opt)
     handles = [opt.register_switch_hook(sync)]
     if callable(getattr(sync, "keeps_grads", None)):
         handles.append(opt.register_grad_keep_check(sync.keeps_grads))
+    if callable(getattr(sync, "reduce_max", None)):
+        handles.append(opt.register_flag_reduce(sync.reduce_max))
     _SYNCS[opt] = (sync, _Handles(handles))
     return sync

@@ -35,6 +35,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .common import (
     DistributedSetupError,
+    all_reduce_max,
     check_same_block,
     engine_sync,
     holds_parameters,
@@ -124,7 +125,13 @@ class DDPBlockSync:
         accumulated in fp32 on the masters as in one process)."""
         return bool(self.ddp.require_backward_grad_sync)
 
+    def reduce_max(self, flag: torch.Tensor) -> None:
+        """The ranks' common verdict on a non-finite step (their gradients agree after the all-reduce, but
+        a rank must never step alone)."""
+        all_reduce_max(flag, self._opt_for_flags, self.ddp.process_group)
+
     def __call__(self, opt) -> None:
+        self._opt_for_flags = opt
         if self.check_agreement and torch.distributed.is_initialized() and world_size() > 1:
             check_same_block(opt, self.ddp.process_group)
         trainable = tuple(id(p) for p in self.ddp.module.parameters() if p.requires_grad)

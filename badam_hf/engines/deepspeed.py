@@ -10,8 +10,10 @@ ZeRO-1/2 fail in their gradient buckets. `attach_deepspeed` makes it work:
   sub-group, with the client's param groups temporarily holding that sub-group's flat fp32 partition
   (and its grad). In this mode `BlockOptimizer.step()` only runs its inner optimizer (AdamW, SGD, ...)
   over those partitions: no masters of its own, and it does not count steps.
-- The step count (and the block schedule) advances once per real optimizer step: after the ZeRO
-  optimizer's `step()` returns without a skipped (overflow) step.
+- The step count (and the block schedule) advances once per optimizer step, as the Trainer's does. A step
+  DeepSpeed skips (ZeRO-3 skips every step whose gradient norm is inf/NaN, in bf16 too) leaves the fp32
+  partitions and moments untouched and counts as one of BAdam's skipped steps (`skip_nonfinite`, which
+  cannot be turned off here: `skip_nonfinite=false` is refused).
 - At a switch the old block's fp32 partitions, gradient buffers, hooks and inner-optimizer state are
   dropped, `requires_grad` follows the new block, and the ZeRO-3 optimizer's per-trainable-set bookkeeping
   is rebuilt for the new block (the same private DeepSpeed methods `__init__` uses; each rank does it at
@@ -65,6 +67,7 @@ from .common import (
     engine_sync,
     check_mode_supported,
     install_sync,
+    read_optimizer_state,
     require_block_optimizer,
     world_size,
 )
@@ -341,8 +344,10 @@ class DeepSpeedBlockSync:
 
         def step(*args, **kwargs):
             out = self._original_step(*args, **kwargs)
-            if not getattr(zero_opt, "overflow", False):  # a skipped (overflow) step is no BAdam step
-                self.after_step()
+            # DeepSpeed skipped a step with an inf/NaN gradient norm (all ranks agree: the norm is all-reduced):
+            # BAdam's skip, counted as such; it still counts towards K, like the Trainer's step count.
+            self.opt.note_step(skipped=bool(getattr(zero_opt, "overflow", False)))
+            self.after_step()
             return out
 
         step._badam_sync = self
@@ -521,7 +526,8 @@ class DeepSpeedBlockSync:
         files = sorted(glob.glob(os.path.join(load_dir, str(tag), f"*zero_pp_rank_{rank}_mp_rank_*_optim_states.pt")))
         if not files:
             return None
-        sd = torch.load(files[0], map_location="cpu", weights_only=False, mmap=True)
+        sd = read_optimizer_state(files[0], mmap=True, weights_only=False, fix="start afresh from its model weights "
+                                  "alone (load the checkpoint folder as the model, without resume_from_checkpoint).")
         client = sd.get("optimizer_state_dict", {}).get("optimizer_state_dict", {})
         badam = client.get("badam") if isinstance(client, dict) else None
         return None if badam is None else int(badam["step"])
@@ -556,6 +562,12 @@ def attach_deepspeed(engine, optimizer, check_agreement: bool = True) -> DeepSpe
         )
     _check_internals(zero_opt)
     check_mode_supported(opt, "DeepSpeed ZeRO-3")
+    if not opt.config.skip_nonfinite:
+        raise DistributedSetupError(
+            "skip_nonfinite=false cannot be honoured under DeepSpeed ZeRO-3: DeepSpeed itself skips every step whose "
+            "gradient norm is inf/NaN (BAdam counts those as skipped steps and stops after max_skipped_steps in a "
+            "row). Leave skip_nonfinite unset there."
+        )
     if opt.partition.always_active:
         raise DistributedSetupError(
             f"always-active parameters ({opt.partition.always_active[0]!r}, ...) are not supported under DeepSpeed "

@@ -39,10 +39,12 @@ from torch import nn
 from .common import (
     DistributedSetupError,
     accelerate_fsdp_plugin,
+    all_reduce_max,
     check_same_block,
     engine_sync,
     holds_parameters,
     install_sync,
+    read_optimizer_state,
     require_block_optimizer,
 )
 
@@ -101,7 +103,12 @@ class FSDP2BlockSync:
         self.refreshes += 1
         self.total_refresh_ms += (time.perf_counter() - start) * 1000.0
 
+    def reduce_max(self, flag: torch.Tensor) -> None:
+        """The ranks' common verdict on a non-finite step: each rank checked only its own shards."""
+        all_reduce_max(flag, self._opt_for_flags)
+
     def __call__(self, opt) -> None:
+        self._opt_for_flags = opt
         if self.check_agreement and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             check_same_block(opt, group=None)
         self.refresh()
@@ -174,4 +181,6 @@ def load_sharded_optimizer(optimizer, input_dir: str) -> None:
             + (f" (the checkpoint has {found[:2]}...: it was saved with a different number of processes)" if found else "")
             + "; resume with the number of processes that saved the checkpoint."
         )
-    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    fix = (f"delete the folder {os.path.dirname(path)} to resume without optimizer state (the Adam moments and the "
+           "learning-rate schedule then restart, with a warning).")
+    optimizer.load_state_dict(read_optimizer_state(path, fix=fix))

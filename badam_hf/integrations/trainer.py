@@ -4,19 +4,25 @@
 The optimizer switches blocks itself inside `step()`, which the Trainer calls once per optimizer step
 (after gradient accumulation), so a switch can never fall inside an accumulation window. The active
 block is a pure function of the optimizer's step count; the callback keeps that count aligned with
-`state.global_step` when a run resumes without optimizer state, and adds the active block to the logs.
+`state.global_step` (when a run resumes without optimizer state, and when a loss scaler skips a step),
+and adds the active block and the skipped steps to the logs. `check_resume` refuses an optimizer state
+that cannot be read or belongs to another step before the Trainer loads it (see docs/resume.md).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 import weakref
 
 import torch
 from transformers import Trainer, TrainerCallback
 
 from ..core.config import BAdamConfig
+from ..core.errors import CheckpointMismatchError
 from ..core.optimizer import BlockOptimizer, check_model, partition_for, schedule_for, unwrap_optimizer
+from ..engines.common import read_optimizer_state
 from ..engines.dispatch import attach_wrapped_model, check_training_args
 from .chunked_loss import chunked_causal_lm_loss, unsupported_reason
 
@@ -46,11 +52,21 @@ class BAdamCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer)
+        trainer = self._trainer() if getattr(self, "_trainer", None) is not None else None
+        resumed_from = trainer.__dict__.pop("_badam_resume_checkpoint", None) if trainer is not None else None
+        if opt is not None:
+            # An optimizer state loaded for this resume (any engine's path) must be the one saved with the
+            # Trainer's state, or its moments belong to another point of the run.
+            loaded, opt.loaded_step = opt.loaded_step, None
+            if resumed_from is not None and loaded is not None and loaded != state.global_step:
+                raise CheckpointMismatchError(
+                    f"the optimizer state loaded from {resumed_from} was saved at step {loaded}, but its trainer_state.json "
+                    f"says global step {state.global_step}; resume from a checkpoint whose files were saved together."
+                )
         if opt is not None and opt.global_step != state.global_step:
             # Resumed without the optimizer's own state: the block still follows from the step count.
             opt.seek(state.global_step)
         # Multi-process DDP: the Trainer has wrapped the model by now; keep its reducer on the active block.
-        trainer = self._trainer() if getattr(self, "_trainer", None) is not None else None
         if opt is not None and trainer is not None:
             attach_wrapped_model(getattr(trainer, "model_wrapped", None), opt)
             if getattr(trainer.accelerator, "scaler", None) is not None and getattr(self, "_scaler_kept", None) is not opt:
@@ -66,6 +82,16 @@ class BAdamCallback(TrainerCallback):
                 opt.register_boundary_check(lambda: bool(accelerator.sync_gradients))
                 self._boundary_for = opt
 
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        # A step the loss scaler (fp16) skipped never reached BlockOptimizer.step(); the Trainer counts it all
+        # the same, so the block schedule does too (it stays a function of global_step, which resumes rely
+        # on). Not one of BAdam's skipped steps: the scaler skips while it looks for its scale.
+        opt = unwrap_optimizer(optimizer)
+        trainer = self._trainer() if getattr(self, "_trainer", None) is not None else None
+        if opt is not None and trainer is not None and opt.global_step == state.global_step \
+                and getattr(trainer.accelerator, "optimizer_step_was_skipped", False):
+            opt.advance()
+
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer)
         if opt is None or logs is None:
@@ -77,19 +103,79 @@ class BAdamCallback(TrainerCallback):
             extra = {"badam/mask_period": opt.schedule.period(max(opt.global_step - 1, 0))}
         else:  # mode lisa: the lowest sampled block, and all of their names
             extra = {"badam/active_block": blocks[0], "badam/active_block_name": opt.blocks_name(blocks)}
+        extra["badam/skipped_steps"] = opt.skipped_steps
         logs.update(extra)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1].update(extra)
 
 
 def ensure_badam_callback(trainer: Trainer) -> None:
-    """Add the callback once, first in line, so printers and reporters see the keys it adds to the logs."""
+    """Add the callback once, first in line, so printers and reporters see the keys it adds to the logs; and
+    the resume checks in front of the Trainer's optimizer load (BAdamMixin has them as a method)."""
     callbacks = trainer.callback_handler.callbacks
     if not any(isinstance(cb, BAdamCallback) for cb in callbacks):
         callbacks.insert(0, BAdamCallback())
     for cb in callbacks:
         if isinstance(cb, BAdamCallback):
             cb._trainer = weakref.ref(trainer)  # to reach `trainer.model_wrapped` (DDP) at train begin
+    if not isinstance(trainer, BAdamMixin) and "_load_optimizer_and_scheduler" not in vars(trainer):
+        original = trainer._load_optimizer_and_scheduler  # `--optim badam` on a plain Trainer: this instance only
+
+        def _load_optimizer_and_scheduler(checkpoint):
+            check_resume(trainer, checkpoint)
+            return original(checkpoint)
+
+        trainer._load_optimizer_and_scheduler = _load_optimizer_and_scheduler
+
+
+def optimizer_state_file(trainer: Trainer, checkpoint: str) -> str:
+    """Where the Trainer reads this process's optimizer state from (FSDP2: one file per rank)."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        import torch.distributed as dist
+
+        from ..engines.fsdp2 import shard_file
+
+        if dist.is_initialized():
+            return shard_file(checkpoint, dist.get_rank(), dist.get_world_size())
+    return os.path.join(checkpoint, "optimizer.pt")
+
+
+def check_resume(trainer: Trainer, checkpoint: str | None) -> None:
+    """Before the Trainer loads the optimizer and LR scheduler from `checkpoint`: refuse an optimizer state that
+    cannot be read or was saved at another step than the checkpoint's trainer_state.json; warn once when there
+    is none to load (HF then silently restarts the moments and the LR schedule). DeepSpeed loads its own files
+    (`engines.deepspeed` reads them; the step is checked at train begin)."""
+    opt = unwrap_optimizer(trainer.optimizer)
+    if checkpoint is None or opt is None:
+        return
+    trainer._badam_resume_checkpoint = checkpoint
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return  # DeepSpeed has loaded its files already (the load sets opt.loaded_step)
+    opt.loaded_step = None  # what accelerate's prepare round-trips through load_state_dict is no resume
+    path = optimizer_state_file(trainer, checkpoint)
+    scheduler = os.path.join(checkpoint, "scheduler.pt")
+    step = trainer.state.global_step
+    missing = [f for f in (path, scheduler) if not os.path.isfile(f)]
+    if missing:
+        if trainer.args.process_index == 0:
+            warnings.warn(
+                f"resuming from {checkpoint} without optimizer state ({' and '.join(missing)} missing, so the Trainer "
+                f"loads neither file): the Adam moments restart from zero and the learning-rate schedule restarts from "
+                f"its first step (warmup included), while the data and BAdam's block schedule resume at step {step} "
+                f"(block {opt.blocks_name(opt.schedule.active_at(step))!r}). Resume from a checkpoint that has both "
+                "files for an exact continuation.",
+                UserWarning, stacklevel=3,
+            )
+        return
+    # Read lazily (mmap): only the pickled structure is parsed here, not the tensors' bytes.
+    badam = read_optimizer_state(path, mmap=True).get("badam")
+    saved = badam.get("step") if isinstance(badam, dict) else None
+    if saved is not None and int(saved) != step:
+        raise CheckpointMismatchError(
+            f"{path} was saved at optimizer step {int(saved)}, but {os.path.join(checkpoint, 'trainer_state.json')} says "
+            f"global step {step}: the optimizer state belongs to another checkpoint. Resume from a checkpoint whose "
+            f"files were saved together, or delete {path} to restart the moments (with a warning)."
+        )
 
 
 def _trainer_badam_config(trainer) -> BAdamConfig | None:
@@ -168,6 +254,10 @@ class BAdamMixin:
         self._badam_partition = (self.model, partition_for(self.model, badam_config))
         schedule_for(self._badam_partition[1], badam_config)
         ensure_badam_callback(self)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        check_resume(self, checkpoint)
+        return super()._load_optimizer_and_scheduler(checkpoint)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

@@ -1,0 +1,260 @@
+"""Non-finite steps: an inf/NaN gradient in the active block skips the step (weights, masters and moments
+bit-identical), is counted and logged; `max_skipped_steps` skips in a row stop training; the decision is
+shared by all ranks through the engine's flag reduce; `skip_nonfinite=false` turns it off."""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import pytest
+import torch
+
+from badam_hf import BAdamTrainer, BlockOptimizer
+from badam_hf.core.config import BAdamConfig
+from badam_hf.core.errors import BAdamConfigError, NonFiniteGradientError
+from badam_hf.core.optimizer import unwrap_optimizer
+from badam_hf.integrations.trainer import BAdamCallback
+
+VOCAB = 64
+
+
+def ids_for(step: int, micro: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(100 * step + micro))
+
+
+def snapshot(model, opt) -> dict:
+    """Weights, and the optimizer's masters and moments (state_dict rebuilds split masters without joining)."""
+    sd = opt.state_dict()
+    return {
+        "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+        "state": {i: {k: v.clone() if torch.is_tensor(v) else v for k, v in e.items()} for i, e in sd["state"].items()},
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a["weights"].keys() == b["weights"].keys()
+    for n in a["weights"]:
+        assert torch.equal(a["weights"][n], b["weights"][n]), n
+    assert a["state"].keys() == b["state"].keys() and a["state"]
+    for i in a["state"]:
+        assert a["state"][i].keys() == b["state"][i].keys()
+        for k, v in a["state"][i].items():
+            assert torch.equal(v, b["state"][i][k]) if torch.is_tensor(v) else v == b["state"][i][k], (i, k)
+
+
+def train_step(model, opt, step, nan_micro=None, ga=2):
+    for micro in range(ga):
+        ids = ids_for(step, micro)
+        loss = model(input_ids=ids, labels=ids).loss / ga
+        if micro == nan_micro:
+            loss = loss * float("nan")
+        loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("dtype,split", [(torch.bfloat16, True), (torch.bfloat16, False), (torch.float32, True)],
+                         ids=["bf16_split", "bf16_whole", "fp32"])
+def test_nan_in_one_micro_batch_leaves_the_block_bit_identical(tiny_llama, dtype, split, caplog):
+    model = tiny_llama(layers=2, dtype=dtype)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=4, switch_mode="ascending", split_masters=split)
+    train_step(model, opt, 0)
+    train_step(model, opt, 1)
+    before = snapshot(model, opt)
+    with caplog.at_level(logging.WARNING, logger="badam_hf"):
+        train_step(model, opt, 2, nan_micro=1)
+    assert_same(before, snapshot(model, opt))
+    assert opt.skipped_steps == 1 and opt.global_step == 3  # counted towards K
+    assert any("skipped optimizer step (step 3, block 'model.layers.0')" in r.getMessage()
+               and "counts towards switch_every" in r.getMessage() for r in caplog.records)
+    # Training goes on: the next step moves the block again, and a skip is no switch by itself.
+    train_step(model, opt, 3)
+    after = snapshot(model, opt)
+    assert any(not torch.equal(after["weights"][n], before["weights"][n]) for n in before["weights"])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.active_block == 1 and opt.global_step == 4
+
+
+def test_skipped_step_matches_a_run_without_that_step(tiny_llama):
+    """A skipped step changes nothing: the run equals one whose step 1 simply never happened (same schedule:
+    the skipped step counts towards K in both)."""
+    runs = []
+    for nan in (True, False):
+        model = tiny_llama(layers=2, dtype=torch.bfloat16)
+        opt = BlockOptimizer(model, lr=1e-2, switch_every=3, switch_mode="ascending")
+        train_step(model, opt, 0)
+        if nan:
+            train_step(model, opt, 1, nan_micro=0)
+        else:
+            opt.zero_grad()
+            opt.advance()
+        for step in (2, 3, 4):
+            train_step(model, opt, step)
+        runs.append(snapshot(model, opt))
+    assert_same(*runs)
+
+
+def test_persistent_nan_stops_with_the_step_and_block(tiny_llama):
+    model = tiny_llama(layers=2)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=2, switch_mode="ascending", max_skipped_steps=3)
+    train_step(model, opt, 0)
+    train_step(model, opt, 1, nan_micro=0)  # one skip, then a good step resets the count
+    train_step(model, opt, 2)
+    train_step(model, opt, 3, nan_micro=0)
+    train_step(model, opt, 4, nan_micro=0)
+    with pytest.raises(NonFiniteGradientError, match=r"3 optimizer steps in a row had inf/NaN gradients \(the last at "
+                                                     r"step 6, block 'model.layers.0'\).*max_skipped_steps=3.*learning rate"):
+        train_step(model, opt, 5, nan_micro=0)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert opt.skipped_steps == 4
+
+
+def test_skip_nonfinite_false_steps_regardless(tiny_llama):
+    model = tiny_llama(layers=2)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=4, skip_nonfinite=False)
+    train_step(model, opt, 0, nan_micro=0)
+    assert opt.skipped_steps == 0
+    assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_ranks_verdict_decides(tiny_llama):
+    """The engine's flag reduce (max over ranks) decides: a rank whose own gradients are finite skips when
+    another rank saw inf/NaN, so no rank ever steps alone."""
+    model = tiny_llama(layers=2)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=4)
+    seen = []
+
+    def other_rank_saw_nan(flag):
+        seen.append(float(flag))
+        flag.fill_(1.0)
+
+    handle = opt.register_flag_reduce(other_rank_saw_nan)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, opt, 0)
+    assert seen == [0.0] and opt.skipped_steps == 1
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    handle.remove()
+    train_step(model, opt, 1)
+    assert opt.skipped_steps == 1 and any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_ddp_sync_reduces_the_flag_over_its_group(tiny_llama, tmp_path):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from badam_hf.distributed import attach_ddp
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = tiny_llama(layers=2)
+        opt = BlockOptimizer(model, lr=1e-2, switch_every=4)
+        sync = attach_ddp(DDP(model), opt)
+        assert list(opt._flag_reducers.values()) == [sync.reduce_max]
+        flag = torch.ones(())
+        sync.reduce_max(flag)  # one rank: the max is its own
+        assert float(flag) == 1.0
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class NaNAt(BAdamTrainer):
+    """Loss times NaN in the first micro-batch of the optimizer steps in `nan_steps`."""
+
+    nan_steps: set = set()
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        self._micro = getattr(self, "_micro", -1) + 1
+        if self.state.global_step in self.nan_steps and self._micro % self.args.gradient_accumulation_steps == 0:
+            loss = loss * float("nan")
+        return loss
+
+
+class Weights:
+    def __init__(self):
+        self.before, self.after = {}, {}
+
+    def on_step_begin(self, args, state, control, model=None, **kw):
+        self.before[state.global_step] = [p.detach().clone() for p in model.parameters()]
+
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.after[state.global_step - 1] = [p.detach().clone() for p in model.parameters()]
+
+
+def trainer_with_nan(tiny_llama, tmp_path, nan_steps, max_steps=5, optim_args="switch_every=2,switch_mode=ascending"):
+    from transformers import TrainerCallback, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=max_steps, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=1e-2, report_to="none", use_cpu=True, logging_steps=1, disable_tqdm=True, seed=0,
+        save_strategy="no", optim_args=optim_args,
+    )
+    ids = torch.randint(0, VOCAB, (32, 8), generator=torch.Generator().manual_seed(0))
+    recorder = type("Recorder", (Weights, TrainerCallback), {})()
+    cls = type("T", (NaNAt,), {"nan_steps": set(nan_steps)})
+    trainer = cls(model=tiny_llama(layers=2, dtype=torch.bfloat16), args=args,
+                  train_dataset=[{"input_ids": x, "labels": x.clone()} for x in ids], callbacks=[recorder])
+    return trainer, recorder
+
+
+def test_trainer_skips_and_logs_the_step(tiny_llama, tmp_path):
+    trainer, rec = trainer_with_nan(tiny_llama, tmp_path, nan_steps={2})
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(rec.before[2], rec.after[2]))  # the NaN step changed nothing
+    assert any(not torch.equal(a, b) for a, b in zip(rec.before[3], rec.after[3]))
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [(h["step"], h["badam/skipped_steps"]) for h in logs] == [(1, 0), (2, 0), (3, 1), (4, 1), (5, 1)]
+    opt = unwrap_optimizer(trainer.optimizer)
+    assert opt.global_step == trainer.state.global_step == 5  # the skipped step counted, like the Trainer's
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_trainer_stops_on_persistent_nan(tiny_llama, tmp_path):
+    trainer, _ = trainer_with_nan(tiny_llama, tmp_path, nan_steps={1, 2, 3, 4}, max_steps=6,
+                                  optim_args="switch_every=2,switch_mode=ascending,max_skipped_steps=3")
+    with pytest.raises(NonFiniteGradientError, match=r"3 optimizer steps in a row.*step 4, block 'model.layers.1'"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+
+
+def test_a_loss_scaler_skip_keeps_the_schedule_on_the_trainers_step(tiny_llama):
+    """fp16 loss scaling skips a step without calling BlockOptimizer.step(); the Trainer counts it all the same,
+    so the block schedule does too (not one of BAdam's skipped steps)."""
+    opt = BlockOptimizer(tiny_llama(layers=2), switch_every=2, switch_mode="ascending")
+    opt.advance()
+    callback = BAdamCallback()
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(optimizer_step_was_skipped=True))
+    callback._trainer = lambda: trainer
+    callback.on_optimizer_step(None, types.SimpleNamespace(global_step=1), None, optimizer=opt)
+    assert opt.global_step == 2 and opt.active_block == 1 and opt.skipped_steps == 0
+    # A step that did reach the optimizer is not counted twice.
+    callback.on_optimizer_step(None, types.SimpleNamespace(global_step=1), None, optimizer=opt)
+    assert opt.global_step == 2
+
+
+def test_config_keys():
+    cfg = BAdamConfig.from_optim_args("skip_nonfinite=false,max_skipped_steps=3")
+    assert cfg.skip_nonfinite is False and cfg.max_skipped_steps == 3
+    assert BAdamConfig().skip_nonfinite is True and BAdamConfig().max_skipped_steps == 10
+    with pytest.raises(BAdamConfigError, match=r"max_skipped_steps=0 is not valid.*integer >= 1"):
+        BAdamConfig.from_optim_args("max_skipped_steps=0")
+    with pytest.raises(BAdamConfigError, match=r"skip_nonfinite='maybe'.*true/false"):
+        BAdamConfig.from_optim_args("skip_nonfinite=maybe")
+
+
+@pytest.mark.multiprocess
+def test_ddp_ranks_take_the_same_decision(tmp_path):
+    """Two DDP ranks, a NaN written into rank 0's reduced gradient only: both skip and stay identical; without
+    the flag reduce (control) rank 1 steps alone and the replicas part."""
+    from pathlib import Path
+
+    from dist_common import launch, load, read, same
+
+    launch(str(Path(__file__).parent / "dist_workers" / "nonfinite_worker.py"), str(tmp_path), timeout=150)
+    for name in ("agree", "agree_bf16"):
+        r0, r1 = read(tmp_path, f"{name}_rank0"), read(tmp_path, f"{name}_rank1")
+        assert r0 == r1 == {"skipped": 1, "step": 4, "block": 2, "step1_unchanged": True}, name
+        assert same(load(tmp_path, f"{name}_rank0"), load(tmp_path, f"{name}_rank1")), name
+    c0, c1 = read(tmp_path, "control_rank0"), read(tmp_path, "control_rank1")
+    assert (c0["skipped"], c1["skipped"], c0["step1_unchanged"], c1["step1_unchanged"]) == (1, 0, True, False)
+    assert not same(load(tmp_path, "control_rank0"), load(tmp_path, "control_rank1"))
