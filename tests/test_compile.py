@@ -6,6 +6,8 @@ with inductor."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 import torch._dynamo
@@ -13,13 +15,11 @@ from torch._dynamo.utils import counters
 
 from badam_hf import BAdamConfig, BAdamTrainer, BlockOptimizer
 from badam_hf.core.compilation import compile_layers, is_layer_compiled
+import tiny_models
 
-VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 
 
-def batch(seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(4000 + seed)
-    return torch.randint(0, VOCAB, (2, 8), generator=g)
+batch = functools.partial(tiny_models.batch, offset=4000)
 
 
 @pytest.fixture

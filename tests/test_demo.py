@@ -103,3 +103,31 @@ def test_the_demo_recipe_has_the_tiny_demos_settings():
     t = r.training
     assert (t["learning_rate"], t["per_device_train_batch_size"], t["warmup_steps"], t["lr_scheduler_type"]) == (
         d["lr"], d["batch_size"], d["warmup_steps"], "cosine")
+
+
+@pytest.mark.parametrize("argv,methods", [([], ("badam", "adamw")), (["--lora"], ("badam", "adamw", "lora")),
+                                          (["--methods", "badam,adamw,lora"], ("badam", "adamw", "lora")),
+                                          (["--methods", "adamw,badam", "--lora"], ("adamw", "badam", "lora"))])
+def test_real_model_demo_runs_lora_only_when_asked(argv, methods, tmp_path, monkeypatch):
+    from badam_hf.tools import finetune_demo
+
+    seen = []
+    monkeypatch.setattr(finetune_demo, "run_finetune_demo", lambda settings: seen.append(settings))
+    assert main(["--out", str(tmp_path), *argv]) == 0
+    assert seen[0].methods == methods and seen[0].out_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("flag", [["--lora"], ["--methods", "badam,adamw"]])
+def test_tiny_refuses_the_real_model_flags(flag, capsys):
+    with pytest.raises(SystemExit):
+        main(["--tiny", *flag])
+    assert "belong to the real-model demo" in capsys.readouterr().err
+
+
+def test_the_real_model_demos_defaults_visit_every_layer():
+    # make demo's short run still trains each of SmolLM2's 30 layers (random order, K steps each).
+    from badam_hf.tools.finetune_demo import DemoSettings
+
+    s = DemoSettings()
+    assert s.methods == ("badam", "adamw") and s.switch_mode == "random"
+    assert s.steps >= 30 * s.switch_every and s.steps % s.eval_every == 0

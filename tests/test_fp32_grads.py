@@ -6,26 +6,19 @@ produces it (a post-accumulate-grad hook), accumulates there across micro-batche
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import TrainingArguments
 
 from badam_hf import BAdamConfig, BAdamTrainer, BlockOptimizer
-
-VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
-
-
-def batch(seed: int, bs: int = 2, seq: int = 8) -> torch.Tensor:
-    g = torch.Generator().manual_seed(3000 + seed)
-    return torch.randint(0, VOCAB, (bs, seq), generator=g)
+import tiny_models
+from tiny_models import active_names
 
 
-def active_names(opt) -> list[str]:
-    return list(opt.partition.blocks[opt.active_block].param_names) + list(opt.partition.always_active)
 
-
-def backward(model, seed: int, scale: float = 1.0) -> None:
-    ids = batch(seed)
-    (model(input_ids=ids, labels=ids).loss * scale).backward()
+batch = functools.partial(tiny_models.batch, offset=3000)
+backward = functools.partial(tiny_models.backward, offset=3000)
 
 
 def test_no_bf16_gradient_survives_backward(tiny_llama):

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_check.sh")
 
@@ -17,6 +19,7 @@ def run(*args, env=None):
     return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.integration  # the whole GPU-check script in a subprocess
 def test_tiny_mode_writes_the_json(tmp_path):
     out = tmp_path / "check.json"
     r = run("--tiny", "--out", str(out), "--blocks", "3")

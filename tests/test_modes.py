@@ -8,6 +8,7 @@ test_fsdp.py; resume of every mode in test_resume.py.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 
 import pytest
@@ -16,22 +17,13 @@ import torch
 from badam_hf import BAdamConfig, BlockOptimizer
 from badam_hf.core.errors import BAdamConfigError, DistributedSetupError
 from badam_hf.core.selection import localize, select_entries, selection_size
-
-VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
-
-
-def batch(seed: int, bs: int = 2, seq: int = 8) -> torch.Tensor:
-    g = torch.Generator().manual_seed(7000 + seed)
-    return torch.randint(0, VOCAB, (bs, seq), generator=g)
+import tiny_models
+from tiny_models import snapshot
 
 
-def backward(model, seed: int, scale: float = 1.0) -> None:
-    ids = batch(seed)
-    (model(input_ids=ids, labels=ids).loss * scale).backward()
 
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+batch = functools.partial(tiny_models.batch, offset=7000)
+backward = functools.partial(tiny_models.backward, offset=7000)
 
 
 def fresh_copy(model):

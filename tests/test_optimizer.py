@@ -5,6 +5,7 @@ Plain PyTorch loops on tiny models built from configs (no downloads)."""
 
 from __future__ import annotations
 
+import functools
 import gc
 import weakref
 
@@ -14,14 +15,12 @@ from transformers import get_cosine_schedule_with_warmup, get_linear_schedule_wi
 
 from badam_hf.core.config import BAdamConfigError
 from badam_hf.core.optimizer import BlockOptimizer
+import tiny_models
+from tiny_models import active_names, snapshot
 
 VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
+batch = functools.partial(tiny_models.batch, offset=1000)
 LAYER_PREFIX = {"llama": "model.layers.", "qwen2": "model.layers.", "gpt2": "transformer.h."}
-
-
-def batch(seed: int, bs: int = 2, seq: int = 8) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1000 + seed)
-    return torch.randint(0, VOCAB, (bs, seq), generator=g)
 
 
 def train_step(model, opt, ids):
@@ -30,14 +29,6 @@ def train_step(model, opt, ids):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.item()
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def active_names(opt) -> set[str]:
-    return set(opt.partition.blocks[opt.active_block].param_names) | set(opt.partition.always_active)
 
 
 def block_param_names(model, prefix: str) -> list[str]:
@@ -491,7 +482,7 @@ def test_inner_sgd_is_plain_gradient_step(tiny_llama):
                          switch_every=2, switch_mode="ascending")
     assert isinstance(opt.inner, torch.optim.SGD)
     for t in range(3):
-        active = active_names(opt)
+        active = set(active_names(opt))
         before = snapshot(model)
         ids = batch(t)
         model(input_ids=ids, labels=ids).loss.backward()

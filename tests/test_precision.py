@@ -3,19 +3,20 @@ with fp16 loss scaling (GradScaler skips count for nothing)."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from transformers import Trainer
 
 from badam_hf.core.config import BAdamConfigError
 from badam_hf.core.optimizer import BlockOptimizer
+import tiny_models
+from tiny_models import active_names, snapshot
 
-VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 
 
-def batch(seed: int, bs: int = 2, seq: int = 8) -> torch.Tensor:
-    g = torch.Generator().manual_seed(2000 + seed)
-    return torch.randint(0, VOCAB, (bs, seq), generator=g)
+batch = functools.partial(tiny_models.batch, offset=2000)
 
 
 def bf16_ties_toward_zero(x: torch.Tensor) -> torch.Tensor:
@@ -23,14 +24,6 @@ def bf16_ties_toward_zero(x: torch.Tensor) -> torch.Tensor:
     bits = x.view(torch.int32)
     up = torch.bitwise_and(bits, 0xFFFF) > 0x8000
     return (torch.bitwise_right_shift(bits, 16) + up).to(torch.int16).view(torch.bfloat16)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def active_names(opt) -> list[str]:
-    return list(opt.partition.blocks[opt.active_block].param_names) + list(opt.partition.always_active)
 
 
 # --- bf16 weights ------------------------------------------------------------------------------------

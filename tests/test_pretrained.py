@@ -28,6 +28,7 @@ def folder(cache):
     return cache / "models" / NAME
 
 
+@pytest.mark.integration  # the real model: GGUF conversion once per session
 def test_the_prepared_checkpoint_is_an_ordinary_one(folder):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     assert type(model).__name__ == "LlamaForCausalLM"
@@ -42,6 +43,7 @@ def test_the_prepared_checkpoint_is_an_ordinary_one(folder):
     Trainer(model=model, args=TrainingArguments(output_dir=str(folder.parent / "t"), use_cpu=True, report_to="none"))
 
 
+@pytest.mark.integration  # the real model: GGUF conversion once per session
 def test_it_is_the_pretrained_instruct_model(folder):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -52,6 +54,7 @@ def test_it_is_the_pretrained_instruct_model(folder):
     assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
+@pytest.mark.integration  # the real model: GGUF conversion once per session
 def test_one_badam_step_changes_only_the_active_layer(folder):
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -65,6 +68,7 @@ def test_one_badam_step_changes_only_the_active_layer(folder):
     assert {n for n in layer7 if "proj" in n} <= changed  # every projection of the layer moved
 
 
+@pytest.mark.integration  # the real model: GGUF conversion once per session
 def test_prepare_model_is_idempotent(cache, folder, monkeypatch, capsys):
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     monkeypatch.setenv(pretrained.CACHE_ENV, str(cache))
@@ -92,6 +96,7 @@ def test_a_foreign_folder_is_not_overwritten(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.integration  # the real model: GGUF conversion once per session
 def test_the_smollm2_recipe_trains_the_prepared_model(cache, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(pretrained.CACHE_ENV, str(cache))
     records = [{"instruction": f"Name a colour number {i}.", "input": "", "output": ["red", "blue", "green"][i % 3]}

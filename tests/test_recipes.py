@@ -145,6 +145,7 @@ def test_shipped_hyperparameters_follow_the_paper():
     assert load_recipe("roberta-large-superglue-multirc").training["metric_for_best_model"] == "f1a"
 
 
+@pytest.mark.integration  # a Trainer run per shipped recipe (13)
 @pytest.mark.parametrize("name", sorted(SHIPPED))
 def test_shipped_recipe_runs_two_steps(name, tmp_path, capsys):
     torch.manual_seed(0)

@@ -14,6 +14,7 @@ from badam_hf import BAdamCallback, BAdamConfig, BAdamConfigError, BAdamTrainer,
 from badam_hf.core.config import ScheduleConfig
 from badam_hf.core.schedule import BlockSchedule
 from badam_hf.core.optimizer import unwrap_optimizer
+from tiny_models import snapshot
 
 VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 
@@ -41,10 +42,6 @@ def targs(tmp_path, **kw) -> TrainingArguments:
     )
     base.update(kw)
     return TrainingArguments(**base)
-
-
-def snapshot(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def changed(model, before) -> set[str]:

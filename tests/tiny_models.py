@@ -120,3 +120,30 @@ def tiny_model(family: str, *args, **kw):
     """The builder of `family` ("llama", "qwen2", "gpt2", "roberta"), called with the rest: for tests
     parametrized over architectures."""
     return BUILDERS[family](*args, **kw)
+
+
+# --- helpers the unit tests share --------------------------------------------------------------------------
+# Each test file draws its batches from its own seed range (`offset`), so that files do not train on the same
+# token sequences; a file binds its offset once: `batch = functools.partial(tiny_models.batch, offset=1000)`.
+
+
+def batch(seed: int, bs: int = 2, seq: int = 8, *, offset: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    """Random token ids (bs x seq) below `vocab`, a pure function of offset + seed."""
+    g = torch.Generator().manual_seed(offset + seed)
+    return torch.randint(0, vocab, (bs, seq), generator=g)
+
+
+def backward(model, seed: int, scale: float = 1.0, *, offset: int = 0) -> None:
+    """One backward of the language-model loss (times `scale`) on `batch(seed, offset=offset)`."""
+    ids = batch(seed, offset=offset)
+    (model(input_ids=ids, labels=ids).loss * scale).backward()
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    """A detached copy of every named parameter (to compare weights before and after a step)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def active_names(opt) -> list[str]:
+    """The parameter names a BlockOptimizer trains now: its active block's, then the always-active ones."""
+    return list(opt.partition.blocks[opt.active_block].param_names) + list(opt.partition.always_active)

@@ -1,7 +1,7 @@
 """`python -m badam_hf.demo`: the real-model demo by default (`finetune_demo`: SmolLM2-135M-Instruct), and
 with `--tiny` the fast path the tests use: BAdam against AdamW on a tiny Llama trained from scratch.
 
-    python -m badam_hf.demo [--out DIR] [--steps N] [--methods badam,adamw,lora]
+    python -m badam_hf.demo [--out DIR] [--steps N] [--lora] [--methods badam,adamw,lora]
     python -m badam_hf.demo --tiny [--out DIR] [--steps N] [--data PATH]
 
 Without `--data` it makes its own small instruction set (arithmetic and word tasks, seeded); with
@@ -38,7 +38,10 @@ from ..data.sft import (
 from ..data.synthetic import make_synthetic_records
 from .harness import optimizer_state_bytes, peak_rss_kb, plot_curves, run_isolated, switch_positions
 
-METHODS = ("badam", "adamw")
+# The tiny path compares the two methods whose runs it can make equal: the same weights, batches and schedule.
+TINY_METHODS = ("badam", "adamw")
+
+
 def _train_one(method: str, job: dict) -> dict:
     """One training run, in a process of its own. Returns its losses and measurements."""
     import torch
@@ -52,15 +55,8 @@ def _train_one(method: str, job: dict) -> dict:
     config = LlamaConfig(vocab_size=job["vocab_size"], pad_token_id=job["pad_token_id"], **job["model"])
     model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
-    if method == "lora":  # used by benchmarks/convergence.py: rank 8 on q/v, as in the paper
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(
-            model,
-            LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"),
-        )
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lr = job["lr"][method] if isinstance(job["lr"], dict) else job["lr"]
+    lr = job["lr"]
 
     peak_state = {"bytes": 0}
 
@@ -147,7 +143,7 @@ def _window_mean(values: list[float], n: int, tail: bool) -> float:
 
 
 def _plot(path: Path, results: dict, switch_every: int, steps: int, title: str) -> None:
-    curves = {m: (list(range(1, len(results[m]["losses"]) + 1)), results[m]["losses"]) for m in METHODS}
+    curves = {m: (list(range(1, len(results[m]["losses"]) + 1)), results[m]["losses"]) for m in TINY_METHODS}
     plot_curves(path, [{"x": "optimizer step", "y": "training loss (response tokens)", "switches": True,
                         "curves": curves}], switch_positions(steps, switch_every), title=title)
 
@@ -278,7 +274,7 @@ def run_demo(
     )
     results = {}
     t0 = time.perf_counter()
-    for method in METHODS:
+    for method in TINY_METHODS:
         if verbose:
             print(f"[badam_hf.demo] training with {method} for {steps} steps ...", flush=True)
         results[method] = _run_isolated(method, job, isolate)
@@ -315,7 +311,7 @@ def run_demo(
     (out / "report.md").write_text(_report_md(summary), encoding="utf-8")
     (out / "results.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
     if verbose:
-        for method in METHODS:
+        for method in TINY_METHODS:
             r = results[method]
             print(
                 f"[badam_hf.demo] {method}: loss {r['first_loss']:.3f} -> {r['final_loss']:.3f}, "
@@ -331,8 +327,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="the fast path: a tiny Llama trained from scratch on generated tasks (seconds)")
     parser.add_argument("--out", default=None, help="report folder (default: ./demo_report; --tiny: ./badam_demo)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per method (default: 60; --tiny: 500)")
+    parser.add_argument("--lora", action="store_true",
+                        help="also LoRA r=8 on q, v (the real-model demo; slowest of the three on a CPU without bf16 "
+                        "arithmetic)")
     parser.add_argument("--methods", default=None,
-                        help="comma-separated, from badam,adamw,lora (default: all three; --tiny: badam,adamw)")
+                        help="the real-model demo's methods, comma-separated, from badam,adamw,lora (default: badam,adamw)")
     parser.add_argument("--data", default=None, help="--tiny: Alpaca JSON/JSONL file; default: a built-in synthetic set")
     parser.add_argument("--switch-every", type=int, default=None, help="BAdam's K (default: 2; --tiny: 25)")
     parser.add_argument("--switch-mode", default=None, choices=["ascending", "descending", "random"])
@@ -349,17 +348,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be >= 1")
+    if args.tiny and (args.lora or args.methods):
+        parser.error("--lora and --methods belong to the real-model demo (--tiny compares BAdam and AdamW)")
     if args.data is not None and not Path(args.data).expanduser().exists():
         parser.error(f"--data {args.data}: no such file")
     if not args.tiny:
         from ..core.errors import BAdamError
-        from .finetune_demo import DemoSettings, run_finetune_demo
+        from .finetune_demo import DEFAULT_METHODS, DemoSettings, run_finetune_demo
 
         given = {k: v for k, v in dict(out_dir=args.out, steps=args.steps, switch_every=args.switch_every,
                                         switch_mode=args.switch_mode, threads=args.threads, seed=args.seed).items()
                  if v is not None}
         if args.methods:
             given["methods"] = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+        if args.lora:
+            given["methods"] = tuple(dict.fromkeys((*given.get("methods", DEFAULT_METHODS), "lora")))
         if args.data is not None or args.lr is not None:
             parser.error("--data and --lr belong to --tiny (the real-model demo has its own task and learning rates)")
         try:

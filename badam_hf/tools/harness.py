@@ -359,8 +359,9 @@ def train_method(method: str, job: dict) -> dict:
     steps = args.max_steps
 
     class HeldOutLoss(TrainerCallback):
+        # the last step's held-out loss comes from the final evaluation below (computed once, not twice)
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step % job["eval_every"] == 0 or state.global_step == steps:
+            if state.global_step % job["eval_every"] == 0 and state.global_step < steps:
                 start = time.perf_counter()
                 _, loss, _ = evaluate(model, tokenizer, held, job["cutoff_len"])
                 recorder.exclude(time.perf_counter() - start)
@@ -378,6 +379,7 @@ def train_method(method: str, job: dict) -> dict:
     with fp32_linear_compute():  # CPU bf16 products in fp32 where the CPU lacks bf16 arithmetic
         trainer.train()
         exact, loss, generations = evaluate(model, tokenizer, held, job["cutoff_len"], job["max_new_tokens"])
+    curve.append((trainer.state.global_step, recorder.seconds[-1], loss))
     logged = [h for h in trainer.state.log_history if "loss" in h and "step" in h]
     result: dict[str, Any] = {
         "lr": args.learning_rate,
