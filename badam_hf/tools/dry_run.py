@@ -83,6 +83,7 @@ class StorageCounter(TorchDispatchMode):
         self.current = 0
         self.current_rounded = 0
         self.phase = "setup"
+        self._pending_snapshot = False
         self.reset_peak()
 
     # --- counting ------------------------------------------------------------------------------------
@@ -94,7 +95,7 @@ class StorageCounter(TorchDispatchMode):
         self.peak_phase = self.phase
         self.phase_peaks: dict[str, int] = {}
         self._pending_snapshot = True
-        self.peak_alive: dict[str, int] = {}
+        self._peak_entries: list[list] = []
 
     def track(self, tensors: Iterable[torch.Tensor]) -> None:
         for t in tensors:
@@ -152,13 +153,20 @@ class StorageCounter(TorchDispatchMode):
         return PHASE_KINDS.get(entry[2], "optimizer temporaries" if entry[2].startswith("step") else "other")
 
     def _snapshot(self) -> None:
+        # The entries themselves: one named later (at the next phase switch, while it is still alive) is
+        # named in the peak's set too, e.g. a buffer made inside a hook before its owner holds it.
         self._label()
+        self._peak_entries = list(self._live.values())
+        self._pending_snapshot = False
+
+    @property
+    def peak_alive(self) -> dict[str, int]:
+        """What was alive at the peak, in bytes by kind."""
         alive: dict[str, int] = {}
-        for entry in self._live.values():
+        for entry in self._peak_entries:
             kind = self.kind_of(entry)
             alive[kind] = alive.get(kind, 0) + entry[1]
-        self.peak_alive = alive
-        self._pending_snapshot = False
+        return alive
 
     def finish(self) -> None:
         """Write down the peak's live set if nothing was freed since the peak."""
