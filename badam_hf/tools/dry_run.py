@@ -283,8 +283,11 @@ class Setting:
 
     def badam_keys(self) -> dict:
         keys = dict(self.badam)
-        # The lowest block first: its backward runs through every layer (the largest backward of any block).
-        keys["switch_mode"] = "ascending"
+        if keys.get("mode", "layer") == "layer":
+            # The lowest block first: its backward runs through every layer (the largest of any block).
+            keys["switch_mode"] = "ascending"
+        else:
+            keys.pop("switch_mode", None)  # ratio and lisa draw by themselves
         return keys
 
 
