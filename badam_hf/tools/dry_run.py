@@ -431,10 +431,11 @@ def _step(model, inputs, counter, opt, has_head: bool) -> dict:
     loss = model(**inputs).loss  # the outputs (logits) go, as in Trainer.compute_loss
     counter.set_phase("backward: loss" if has_head else "backward")
     loss.backward()
-    del loss
+    loss = loss.detach()  # kept through the step, as Trainer keeps it for its running loss
     counter.set_phase("step")
     opt.step()
     opt.zero_grad()
+    del loss
     counter.set_phase("after step")
     counter.finish()
     return {"peak_bytes": counter.peak, "phase": counter.peak_phase,

@@ -149,14 +149,27 @@ def estimate(
     kv = h * getattr(config, "num_key_value_heads", config.num_attention_heads) // config.num_attention_heads
     lora = L * lora_rank * ((h + h) + (h + kv))
     largest_matrix = max(p.numel() for p in meta.parameters())
+    head = meta.get_output_embeddings()
+    head = head.weight.numel() if head is not None else 0
     n = gpus
+
+    def larger(*moments: Estimate) -> Estimate:
+        return max(moments, key=lambda e: e.total)
+
+    if master:  # bf16 weights: AdamW's fp32 gradient buffer is made at the first gradient, the head's (bf16)
+        adam = Estimate("Adam (mixed precision)", w * total / n, (4 * total + w * head) / n, (master + 8) * total / n,
+                        act - loss_temporary_bytes(config, batch, seq, task))
+    else:  # fp32 weights: gradients arrive one by one; all of them and the moments at the step
+        adam = larger(Estimate("Adam (mixed precision)", w * total / n, 4 * total / n, 8 * total / n, 0.0),
+                      Estimate("Adam (mixed precision)", w * total / n, 0.0, 8 * total / n, act))
     rows = [
-        # AdamW's fp32 gradients of the whole model exist from the first gradient (the LM head's, at the loss).
-        Estimate("Adam (mixed precision)", w * total / n, 4 * total / n, (master + 8) * total / n, act),
-        Estimate(f"LoRA (rank {lora_rank})", (w * total + 4 * lora) / n, 4 * lora / n, 8 * lora / n, act),
+        adam,
+        Estimate(f"LoRA (rank {lora_rank})", (w * total + 4 * lora) / n, 0.0, 8 * lora / n, act),
         Estimate("LOMO", w * total / n, 2 * largest_matrix, 0.0, act),
         Estimate("BAdam", w * total / n, 4 * active / n, (master + 8) * active / n, 0.0),
-        Estimate("BAdam (later step)", w * total / n, 0.0, (low + 8) * active / n, act),
+        # A later step: at the loss with moments and low halves, or at the master join (fp32 buffer + low halves).
+        larger(Estimate("BAdam (later step)", w * total / n, 0.0, (low + 8) * active / n, act),
+               Estimate("BAdam (later step)", w * total / n, 4 * active / n, (master + low + 8) * active / n, 0.0)),
     ]
     info = {
         "model": model,
@@ -314,3 +327,55 @@ def format_exact(setting, result: dict, device: str = "meta") -> str:
               "accumulators: tens of MB), the CUDA context (~0.5 GB, outside max_memory_allocated) and the "
               "allocator's cache and fragmentation (in max_memory_reserved)."]
     return "\n".join(lines)
+
+
+# --- the memory table of docs/memory.md ------------------------------------------------------------------
+
+# (MODEL or recipe, overrides, the paper's figure for the same setting where this repository states one)
+TABLE_ROWS = (
+    ("llama3-8b", dict(batch=2, seq=728), "BAdam 23.5 GB (Table 2: weights 16.1, gradient 0.9, optimizer "
+                                          "states 2.6; Adam 16.1 / 32.1 / 96.4)"),
+    ("llama2-7b-alpaca-gpt4", {}, ""),
+    ("llama3-8b-alpaca-gpt4", {}, ""),
+    ("llama3-70b-mathinstruct", {}, "run on 4 x A100-80GB"),
+    ("roberta-large-superglue-boolq", {}, ""),
+)
+
+
+def memory_table(rows=TABLE_ROWS, methods=("badam", "adamw", "lora"), log=None) -> str:
+    """docs/memory.md's table: the simulated peak per GPU (one device, no sharding) for each row."""
+    import platform
+
+    import torch
+    import transformers
+
+    out = ["| model or recipe | batch x seq | BAdam, first step of a block | BAdam, later step | AdamW (mixed "
+           "precision) | LoRA r=8 (q, v) | paper |", "| --- | --- | ---: | ---: | ---: | ---: | --- |"]
+    for model, kw, paper in rows:
+        setting = exact_setting(model, **kw)
+        result = exact(setting, methods)
+        cells = []
+        r = result["methods"].get("badam")
+        steps = r["steps"] if r else []
+        for i in range(2):
+            s = steps[i] if i < len(steps) else None
+            cells.append(f"{s['peak_bytes'] / GB:.2f} GB ({s['phase']})" if s else "-")
+        for m in ("adamw", "lora"):
+            r = result["methods"].get(m)
+            cells.append(f"{r['peak_bytes'] / GB:.2f} GB" if r else "-")
+        dtype = str(setting.dtype).replace("torch.", "")
+        out.append(f"| `{model}` ({dtype}) | {setting.batch} x {setting.seq} | " + " | ".join(cells) + f" | {paper or '-'} |")
+        if log:
+            log(f"{model}: {result['wall_s']:.0f} s")
+    out += ["", f"Simulated with torch {torch.__version__}, transformers {transformers.__version__} on "
+            f"{platform.machine()} ({platform.processor() or 'cpu'}); regenerate with "
+            "`python -m badam_hf.tools.estimate`."]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import sys
+    import warnings
+
+    warnings.simplefilter("ignore")
+    print(memory_table(log=lambda s: print(s, file=sys.stderr)))
