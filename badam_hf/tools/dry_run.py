@@ -80,6 +80,8 @@ class StorageCounter(TorchDispatchMode):
         self.labeler = labeler
         # key -> [weak ref, bytes, phase made in, kind or None]
         self._live: dict[int, list] = {}
+        # Storages that live through the run (the weights): counted, but only checked at phase switches.
+        self._pinned: dict[int, list] = {}
         self.current = 0
         self.current_rounded = 0
         self.phase = "setup"
@@ -97,16 +99,21 @@ class StorageCounter(TorchDispatchMode):
         self._pending_snapshot = True
         self._peak_entries: list[list] = []
 
-    def track(self, tensors: Iterable[torch.Tensor]) -> None:
+    def track(self, tensors: Iterable[torch.Tensor], pinned: bool = False) -> None:
+        """Count tensors made before the mode was entered. `pinned`: they live through the run (the weights),
+        so they are checked for frees at phase switches only (a sweep per op over them costs time at 8B)."""
         for t in tensors:
             self._add(t)
+            key = storage_key(t)
+            if pinned and key in self._live:
+                self._pinned[key] = self._live.pop(key)
         self._note_peak()
 
     def _add(self, t: torch.Tensor) -> None:
         key = storage_key(t)
         if key is None:
             return
-        held = self._live.get(key)
+        held = self._live.get(key) or self._pinned.get(key)
         if held is not None and not held[0].expired():
             return  # a view of a storage already counted
         if held is not None:  # freed, and its address reused before a sweep saw it
@@ -118,7 +125,7 @@ class StorageCounter(TorchDispatchMode):
         self.current_rounded += -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
 
     def _forget(self, key: int) -> None:
-        nbytes = self._live.pop(key)[1]
+        nbytes = (self._live.pop(key) if key in self._live else self._pinned.pop(key))[1]
         self.current -= nbytes
         self.current_rounded -= -(-nbytes // CUDA_BLOCK_BYTES) * CUDA_BLOCK_BYTES
 
@@ -143,7 +150,7 @@ class StorageCounter(TorchDispatchMode):
         if self.labeler is None:
             return
         names = self.labeler()
-        for key, entry in self._live.items():
+        for key, entry in (*self._live.items(), *self._pinned.items()):
             if entry[3] is None and key in names and not entry[0].expired():
                 entry[3] = names[key]
 
@@ -156,7 +163,7 @@ class StorageCounter(TorchDispatchMode):
         # The entries themselves: one named later (at the next phase switch, while it is still alive) is
         # named in the peak's set too, e.g. a buffer made inside a hook before its owner holds it.
         self._label()
-        self._peak_entries = list(self._live.values())
+        self._peak_entries = [*self._live.values(), *self._pinned.values()]
         self._pending_snapshot = False
 
     @property
@@ -174,6 +181,11 @@ class StorageCounter(TorchDispatchMode):
             self._snapshot()
 
     def set_phase(self, name: str) -> None:
+        dead = [k for k, v in self._pinned.items() if v[0].expired()]
+        if dead and self._pending_snapshot:
+            self._snapshot()
+        for k in dead:
+            self._forget(k)
         self._sweep()
         self._note_peak()
         self._label()
@@ -187,7 +199,7 @@ class StorageCounter(TorchDispatchMode):
         self._sweep()
         self._label()
         out: dict[str, int] = {}
-        for entry in self._live.values():
+        for entry in (*self._live.values(), *self._pinned.values()):
             kind = self.kind_of(entry)
             out[kind] = out.get(kind, 0) + entry[1]
         return out
@@ -450,10 +462,10 @@ def run_method(setting: Setting, method: str, device: str = "meta") -> dict:
     torch.manual_seed(0)
     labels: list[Callable[[dict], None]] = []
     counter = StorageCounter(labeler=lambda: _collect(labels))
-    with meta_workarounds(), counter:
+    with meta_workarounds():
+        # The model is built outside the counter (its storages are registered below): building an 8B model
+        # op by op under the mode costs time and nothing built here is a temporary of the step.
         model = build_model(setting, device)
-        labels.append(lambda out: _model_labels(model, out))
-        has_head = setting.task == "causal-lm"
         if method == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -462,35 +474,45 @@ def run_method(setting: Setting, method: str, device: str = "meta") -> dict:
                 model.enable_input_require_grads()  # checkpointing with frozen embeddings needs it under LoRA
             model = get_peft_model(model, LoraConfig(r=setting.lora_rank, lora_alpha=2 * setting.lora_rank,
                                                      lora_dropout=0.0, target_modules=targets))
-            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-            labels.append(lambda out: _keys((v for st in opt.state.values() for v in st.values()
-                                             if torch.is_tensor(v)), "moments", out))
-        elif method == "adamw":
-            opt = MixedPrecisionAdamW(model)
-            labels.append(opt.labels)
-        else:
-            from ..core.config import BAdamConfig
-            from ..core.optimizer import BlockOptimizer
-
-            opt = BlockOptimizer(model, BAdamConfig.from_flat(setting.badam_keys(), source="the dry run"), lr=1e-5)
-            labels.append(lambda out: _badam_labels(opt, out))
-            _phase_around(counter, opt, "_materialize_masters", "step: masters")
-            _phase_around(counter, opt.inner, "step", "step: inner AdamW")
-            _phase_around(counter, opt, "_write_back", "step: write back")
-        _mark_loss(model, counter)
-        counter.set_phase("inputs")
-        inputs = make_inputs(setting, device)
-        counter.track(list(model.parameters()) + list(model.buffers()) + list(inputs.values()))
-        counter.set_phase("setup")
-        steps = []
-        if method == "badam":
-            K = opt.schedule.switch_every
-            names = ["first step of a block"] + ([f"later step (K={K})"] if K >= 2 else [])
-        else:
-            names = ["step 1", "step 2"]  # the moments exist from the second step on
-        for name in names:
-            steps.append({"step": name, **_step(model, inputs, counter, opt, has_head)})
+        with counter:
+            steps = _run_steps(setting, method, device, model, counter, labels)
     return {"peak_bytes": max(s["peak_bytes"] for s in steps), "steps": steps}
+
+
+def _run_steps(setting: Setting, method: str, device, model, counter: StorageCounter, labels: list) -> list[dict]:
+    counter.track(list(model.parameters()) + list(model.buffers()), pinned=True)
+    labels.append(lambda out: _model_labels(model, out))
+    has_head = setting.task == "causal-lm"
+    if method == "lora":
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+        labels.append(lambda out: _keys((v for st in opt.state.values() for v in st.values()
+                                         if torch.is_tensor(v)), "moments", out))
+    elif method == "adamw":
+        opt = MixedPrecisionAdamW(model)
+        labels.append(opt.labels)
+    else:
+        from ..core.config import BAdamConfig
+        from ..core.optimizer import BlockOptimizer
+
+        opt = BlockOptimizer(model, BAdamConfig.from_flat(setting.badam_keys(), source="the dry run"), lr=1e-5)
+        labels.append(lambda out: _badam_labels(opt, out))
+        _phase_around(counter, opt, "_materialize_masters", "step: masters")
+        _phase_around(counter, opt.inner, "step", "step: inner AdamW")
+        _phase_around(counter, opt, "_write_back", "step: write back")
+    _mark_loss(model, counter)
+    counter.set_phase("inputs")
+    inputs = make_inputs(setting, device)
+    counter.track(inputs.values())
+    counter.set_phase("setup")
+    steps = []
+    if method == "badam":
+        K = opt.schedule.switch_every
+        names = ["first step of a block"] + ([f"later step (K={K})"] if K >= 2 else [])
+    else:
+        names = ["step 1", "step 2"]  # the moments exist from the second step on
+    for name in names:
+        steps.append({"step": name, **_step(model, inputs, counter, opt, has_head)})
+    return steps
 
 
 def _collect(labelers) -> dict:
