@@ -342,7 +342,7 @@ TABLE_ROWS = (
 )
 
 
-def memory_table(rows=TABLE_ROWS, methods=("badam", "adamw", "lora"), log=None) -> str:
+def memory_table(rows=TABLE_ROWS, methods=("badam", "adamw", "lora"), log=None, json_dir: str | None = None) -> str:
     """docs/memory.md's table: the simulated peak per GPU (one device, no sharding) for each row."""
     import platform
 
@@ -367,6 +367,9 @@ def memory_table(rows=TABLE_ROWS, methods=("badam", "adamw", "lora"), log=None) 
         out.append(f"| `{model}` ({dtype}) | {setting.batch} x {setting.seq} | " + " | ".join(cells) + f" | {paper or '-'} |")
         if log:
             log(f"{model}: {result['wall_s']:.0f} s")
+        if json_dir:
+            with open(os.path.join(json_dir, f"{model}.json"), "w") as f:
+                json.dump(to_json(result) | {"wall_s": result["wall_s"]}, f, indent=1)
     out += ["", f"Simulated with torch {torch.__version__}, transformers {transformers.__version__} on "
             f"{platform.machine()} ({platform.processor() or 'cpu'}); regenerate with "
             "`python -m badam_hf.tools.estimate`."]
@@ -378,4 +381,5 @@ if __name__ == "__main__":
     import warnings
 
     warnings.simplefilter("ignore")
-    print(memory_table(log=lambda s: print(s, file=sys.stderr)))
+    # python -m badam_hf.tools.estimate [DIR]: the table on stdout, each row's --json document in DIR
+    print(memory_table(log=lambda s: print(s, file=sys.stderr), json_dir=sys.argv[1] if len(sys.argv) > 1 else None))
