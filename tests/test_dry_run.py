@@ -164,3 +164,5 @@ def test_cli_exact_refuses_bad_input(tmp_path, capsys):
     assert "--exact" in capsys.readouterr().err
     assert main(["estimate", "llama3-8b", "--exact", "--gpus", "4"]) == 2
     assert "one device" in capsys.readouterr().err
+    assert main(["estimate", "llama3-8b", "--exact", "--batch", "0"]) == 2
+    assert "batch=0" in capsys.readouterr().err

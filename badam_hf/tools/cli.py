@@ -54,8 +54,8 @@ def _estimate(ns: argparse.Namespace) -> int:
         info, rows = estimate(
             ns.model,
             gpus=ns.gpus,
-            batch=ns.batch or 2,
-            seq=ns.seq or 728,
+            batch=2 if ns.batch is None else ns.batch,
+            seq=728 if ns.seq is None else ns.seq,
             gradient_checkpointing=True if ns.gradient_checkpointing is None else ns.gradient_checkpointing,
             granularity=ns.granularity or "layer",
             lora_rank=ns.lora_rank,

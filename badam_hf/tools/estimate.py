@@ -230,6 +230,9 @@ def exact_setting(model: str, batch: int | None = None, seq: int | None = None,
 
     from .dry_run import Setting
 
+    for name, value in (("batch", batch), ("seq", seq), ("lora_rank", lora_rank)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"{name}={value!r}: {name} must be a whole number >= 1.")
     keys: dict = {}
     recipe = None
     if model not in BUILTIN_SHAPES and not os.path.exists(model) or model.endswith((".yaml", ".yml")):
