@@ -166,7 +166,9 @@ def estimate(
         adam,
         Estimate(f"LoRA (rank {lora_rank})", (w * total + 4 * lora) / n, 0.0, 8 * lora / n, act),
         Estimate("LOMO", w * total / n, 2 * largest_matrix, 0.0, act),
-        Estimate("BAdam", w * total / n, 4 * active / n, (master + 8) * active / n, 0.0),
+        # A block's first step: at its optimizer step, or at the loss (no state yet) when the loss is larger.
+        larger(Estimate("BAdam", w * total / n, 4 * active / n, (master + 8) * active / n, 0.0),
+               Estimate("BAdam", w * total / n, 0.0, 0.0, act)),
         # A later step: at the loss with moments and low halves, or at the master join (fp32 buffer + low halves).
         larger(Estimate("BAdam (later step)", w * total / n, 0.0, (low + 8) * active / n, act),
                Estimate("BAdam (later step)", w * total / n, 4 * active / n, (master + low + 8) * active / n, 0.0)),
