@@ -9,7 +9,12 @@ Table 2: 23.5 GB for BAdam on Llama 3-8B). Measured:
 - forward / backward / optimizer-step time per step with one active layer at a few evenly spaced depths (one
   warm-up step and one timed step each), and the mean backward against a full backward of the same model
   (every parameter trainable, no truncation);
-- LoRA r=8 on q,v (peft) on the same shape: peak memory and step time, for the ratios.
+- LoRA r=8 on q,v (peft, fused AdamW) on the same shape: peak memory and step time, for the ratios;
+- the steady state: a block's first step and a later step at K >= 2 (`--switch-every`, default 100), each with
+  its own peak.
+Beside every measured `max_memory_allocated` stands the dry run's prediction (`badam_hf.tools.dry_run`: the
+same step on meta tensors, computed before the GPU runs), so the first GPU run checks the simulation. In
+`--tiny` mode the "measured" peaks of the steady state are live tensor bytes counted on the CPU tensors.
 
 `--tiny` runs the same code on a small Llama on the CPU (CI's smoke test); without `--tiny` and without a CUDA
 GPU it refuses in one line. Meant to finish in well under 8 minutes on one H100/H200-class GPU.
@@ -152,7 +157,8 @@ def check_lora(shape: dict, device, ids, steps: int = 3) -> dict:
     model.enable_input_require_grads()  # checkpointing with frozen embeddings needs it under LoRA
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
                                              task_type="CAUSAL_LM"))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # fused, as HF Trainer's default optimizer (adamw_torch_fused) and the dry run's prediction
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     clock = Clock(device)
     one_step(model, opt, ids, clock)
     times = [one_step(model, opt, ids, clock) for _ in range(steps)]
@@ -163,14 +169,105 @@ def check_lora(shape: dict, device, ids, steps: int = 3) -> dict:
     return out
 
 
+def dry_run_setting(shape: dict, switch_every: int):
+    """The dry run's setting for the model `build` makes (bench.build_model's config, sdpa, checkpointing)."""
+    from transformers import LlamaConfig
+
+    from badam_hf.tools.dry_run import Setting
+
+    cfg = LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"], intermediate_size=shape["intermediate_size"],
+        num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
+        num_key_value_heads=shape["num_key_value_heads"], max_position_embeddings=max(2048, shape["seq"]),
+        tie_word_embeddings=False, use_cache=False,
+    )
+    return Setting(config=cfg, name="gpu_check", batch=shape["batch"], seq=shape["seq"],
+                   badam={"switch_every": switch_every})
+
+
+def predict(shape: dict, switch_every: int) -> dict:
+    """The dry run's peaks (bytes) for every memory this script measures; meta tensors, before any GPU work."""
+    import dataclasses
+
+    from badam_hf.tools.dry_run import run_method
+
+    t0 = time.perf_counter()
+    setting = dry_run_setting(shape, switch_every)
+    k1 = run_method(dataclasses.replace(setting, badam={"switch_every": 1}), "badam")
+    steady = run_method(setting, "badam")
+    lora = run_method(setting, "lora")
+    return {
+        "badam_k1": k1["peak_bytes"],
+        "steady_state": [{"step": s["step"], "peak_bytes": s["peak_bytes"], "phase": s["phase"],
+                          "alive_at_peak": s["alive_at_peak"]} for s in steady["steps"]],
+        "lora": lora["peak_bytes"],
+        "dry_run_s": time.perf_counter() - t0,
+    }
+
+
+def check_steady_state(shape: dict, device, ids, switch_every: int, predicted: dict) -> dict:
+    """A block's first step and a later step (K >= 2), each with its own peak, beside the dry run's."""
+    import torch
+
+    from badam_hf.core.optimizer import BlockOptimizer
+    from badam_hf.tools.dry_run import StorageCounter
+
+    reset_memory(device)
+    model = build(shape, device)
+    # Block 0 first (ascending), as the dry run: its backward runs through every layer.
+    opt = BlockOptimizer(model, lr=1e-5, switch_every=switch_every, switch_mode="ascending")
+    clock = Clock(device)
+    cuda = device.type == "cuda"
+    counter = None if cuda else StorageCounter()
+    if counter is not None:
+        counter.track(list(model.parameters()) + list(model.buffers()) + [ids])
+    steps = []
+    for pred in predicted["steady_state"]:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+            one_step(model, opt, ids, clock)
+            measured = torch.cuda.max_memory_allocated()
+        else:
+            with counter:
+                counter.reset_peak()
+                one_step(model, opt, ids, clock)
+            measured = counter.peak
+        steps.append({"step": pred["step"], "measured_bytes": measured, "predicted_bytes": pred["peak_bytes"],
+                      "predicted_phase": pred["phase"], "measured_over_predicted": measured / pred["peak_bytes"]})
+    del model, opt
+    return {"switch_every": switch_every,
+            "measured_by": "torch.cuda.max_memory_allocated" if cuda else "live tensor bytes of the CPU tensors",
+            "steps": steps}
+
+
+def format_predictions(result: dict) -> str:
+    """Every measured peak beside the dry run's prediction, one line each."""
+    gb = 1e9
+    rows = ["", "measured peak vs the dry run's prediction (GB):"]
+    for name, key in (("BAdam K=1, per-block steps", "badam"), ("LoRA r8", "lora_r8_qv")):
+        mem = result[key]["memory"]
+        got = mem.get("max_allocated_gb")
+        rows.append(f"  {name}: measured {'%.3f' % got if got is not None else 'n/a (no GPU)'}, "
+                    f"predicted {mem['predicted_max_allocated_gb']:.3f}")
+    ss = result["steady_state"]
+    for s in ss["steps"]:
+        rows.append(f"  BAdam {s['step']}: measured {s['measured_bytes'] / gb:.3f} ({ss['measured_by']}), "
+                    f"predicted {s['predicted_bytes'] / gb:.3f} at {s['predicted_phase']}")
+    return "\n".join(rows)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="a small Llama on the CPU (the CI smoke test)")
     p.add_argument("--out", default=None, help="the JSON file (default benchmarks/results/gpu_check[_tiny].json)")
     p.add_argument("--blocks", type=int, default=4, help="active-layer depths timed (evenly spaced), default 4")
+    p.add_argument("--switch-every", dest="switch_every", type=int, default=100,
+                   help="K of the steady-state check (a block's first step, then a later step), default 100")
     args = p.parse_args(argv)
     if args.blocks < 1:
         p.error(f"--blocks {args.blocks}: give at least 1")
+    if args.switch_every < 2:
+        p.error(f"--switch-every {args.switch_every}: give at least 2 (a later step needs K >= 2)")
     import torch
 
     if not args.tiny and not torch.cuda.is_available():
@@ -189,8 +286,13 @@ def main(argv=None) -> int:
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({platform.machine()})",
         "torch": torch.__version__,
     }
+    predicted = predict(shape, args.switch_every)
+    result["predicted"] = predicted
     result["badam"] = check_badam(shape, device, args.blocks, ids)
+    result["badam"]["memory"]["predicted_max_allocated_gb"] = predicted["badam_k1"] / 1e9
     result["lora_r8_qv"] = check_lora(shape, device, ids)
+    result["lora_r8_qv"]["memory"]["predicted_max_allocated_gb"] = predicted["lora"] / 1e9
+    result["steady_state"] = check_steady_state(shape, device, ids, args.switch_every, predicted)
     key = "max_allocated_gb" if device.type == "cuda" else "peak_rss_gb"
     b, lo = result["badam"], result["lora_r8_qv"]
     result["ratios"] = {
@@ -206,6 +308,7 @@ def main(argv=None) -> int:
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result, indent=1))
+    print(format_predictions(result))
     print(f"gpu_check: wrote {out} in {result['wall_s']:.0f} s")
     return 0
 

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from badam_hf.tools.cli import main
-from badam_hf.tools.estimate import GB, estimate
+from badam_hf.tools.estimate import GB, estimate, exact, exact_setting
 
 # Table 2 of the paper (Llama 3-8B, GB): parameters / gradient / optimizer states.
 PAPER = {"BAdam": (16.1, 0.9, 2.6), "Adam (mixed precision)": (16.1, 32.1, 96.6)}
@@ -52,3 +52,45 @@ def test_unknown_model_is_a_clear_error(tmp_path, capsys):
         estimate(str(missing))
     assert main(["estimate", str(missing)]) == 2
     assert "not-a-model" in capsys.readouterr().err
+
+
+def test_recipe_gives_its_batch_seq_checkpointing_and_badam_keys():
+    setting = exact_setting("llama3-8b-alpaca-gpt4")
+    assert (setting.batch, setting.seq, setting.gradient_checkpointing) == (2, 1024, True)
+    assert setting.badam["switch_every"] == 100 and setting.config.num_hidden_layers == 32
+    assert str(setting.dtype) == "torch.bfloat16" and setting.task == "causal-lm"
+    assert exact_setting("llama3-8b-alpaca-gpt4", batch=1, seq=728).seq == 728
+    rob = exact_setting("roberta-large-superglue-boolq")
+    assert (rob.batch, rob.seq, rob.task, str(rob.dtype)) == (16, 256, "sequence-classification", "torch.float32")
+    with pytest.raises(ValueError, match="positions"):
+        exact_setting("roberta-large", seq=728)
+
+
+def test_formula_matches_the_dry_run_on_a_small_llama(tmp_path):
+    """The formula's parts are the dry run's: on a model large enough that the layers dominate, each method's
+    peak agrees within 3% (the named shapes are checked by the integration test below)."""
+    cfg = {"model_type": "llama", "vocab_size": 8000, "hidden_size": 256, "intermediate_size": 688,
+           "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 4, "tie_word_embeddings": False}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    check_formula(str(path), batch=2, seq=64)
+
+
+def check_formula(model: str, **kw):
+    info, rows = estimate(model, **kw)
+    by = {r.method: r.total for r in rows}
+    got = exact(exact_setting(model, badam={"switch_every": 100}, **kw))["methods"]
+    pairs = [("BAdam", got["badam"]["steps"][0]["peak_bytes"]),
+             ("BAdam (later step)", got["badam"]["steps"][1]["peak_bytes"]),
+             ("Adam (mixed precision)", got["adamw"]["peak_bytes"]),
+             ("LoRA (rank 8)", got["lora"]["peak_bytes"])]
+    for name, peak in pairs:
+        assert abs(by[name] - peak) <= 0.03 * peak, (model, name, by[name] / GB, peak / GB)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("model,batch,seq", [("llama3-8b", 2, 728), ("llama3-8b", 2, 1024), ("llama2-7b", 2, 1024),
+                                             ("llama3-70b", 8, 1024)])
+def test_formula_within_3_percent_of_the_dry_run_on_named_shapes(model, batch, seq):
+    """The paper's Table 2 setting and the shipped recipes' (minutes each on a 2-core CPU: 70B the longest)."""
+    check_formula(model, batch=batch, seq=seq)

@@ -22,7 +22,7 @@ def run(*args, env=None):
 @pytest.mark.integration  # the whole GPU-check script in a subprocess
 def test_tiny_mode_writes_the_json(tmp_path):
     out = tmp_path / "check.json"
-    r = run("--tiny", "--out", str(out), "--blocks", "3")
+    r = run("--tiny", "--out", str(out), "--blocks", "3", "--switch-every", "2")
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
     b, lora = res["badam"], res["lora_r8_qv"]
@@ -35,6 +35,23 @@ def test_tiny_mode_writes_the_json(tmp_path):
     assert b["backward_vs_full"] == b["backward_s"] / b["full_backward_s"]
     assert lora["backward_s"] > 0 and set(res["ratios"]) == {
         "badam_vs_lora_memory", "badam_vs_lora_backward", "badam_vs_lora_step"}
+    # The steady state: a block's first step and a later step at K=2, each measured (here: live tensor bytes of
+    # the CPU tensors) beside the dry run's prediction on meta tensors, which must agree to the byte.
+    ss = res["steady_state"]
+    assert ss["switch_every"] == 2 and [s["step"] for s in ss["steps"]] == ["first step of a block", "later step (K=2)"]
+    for s in ss["steps"]:
+        assert s["measured_bytes"] == s["predicted_bytes"] > 0, s
+    first, later = ss["steps"]
+    assert first["predicted_phase"] == "step: inner AdamW" and later["predicted_phase"] == "backward: loss"
+    for mem in (b["memory"], lora["memory"]):
+        assert mem["predicted_max_allocated_gb"] > 0
+    assert "predicted" in r.stdout and "later step (K=2)" in r.stdout
+
+
+def test_switch_every_below_two_is_refused(tmp_path):
+    r = run("--tiny", "--out", str(tmp_path / "x.json"), "--switch-every", "1")
+    assert r.returncode == 2 and "--switch-every 1" in r.stderr
+    assert not (tmp_path / "x.json").exists()
 
 
 def test_refuses_without_a_gpu_in_one_line(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from badam_hf.tools.live_memory import LiveTensorBytes, format_snapshot
+from badam_hf.tools.live_memory import LiveTensorBytes, format_snapshot, storage_key
 
 
 def test_counts_storages_once_frees_them_and_keeps_phase_peaks():
@@ -32,9 +32,26 @@ def test_counts_storages_once_frees_them_and_keeps_phase_peaks():
 
 def test_labeler_names_known_tensors_at_the_peak():
     keep = torch.ones(500)
-    live = LiveTensorBytes(labeler=lambda: {keep.untyped_storage().data_ptr(): "moments"})
+    live = LiveTensorBytes(labeler=lambda: {storage_key(keep): "moments"})
     live.track([keep], "state")
     with live, live.phase("step"):
         tmp = keep + 1
         del tmp
     assert dict(((p, w), b) for p, w, b in format_snapshot(live.peak_snapshot))[("setup", "moments")] == 2000
+
+
+def test_counts_meta_tensors_by_storage_identity():
+    """data_ptr() is 0 for every meta storage; the count keys on the storage itself, so meta works like CPU."""
+    w = torch.empty(256, device="meta")
+    live = LiveTensorBytes()
+    live.track([w], "weights")
+    with live, live.phase("a"):
+        x = torch.empty(1000, device="meta")
+        y = x * 2
+        assert live.live_bytes() == 1024 + 8000
+        del x, y
+        z = torch.empty(10, device="meta", dtype=torch.bfloat16)
+        assert live.live_bytes() == 1024 + 20
+    assert live.peak == 1024 + 8000
+    del z
+    assert live.live_bytes() == 1024

@@ -1,6 +1,7 @@
 """The `badam-hf` command (also `python -m badam_hf`).
 
     badam-hf estimate MODEL [--gpus N --batch B --seq S --no-gradient-checkpointing --granularity G]
+    badam-hf estimate MODEL|RECIPE --exact [--methods badam,adamw,lora --mode M --switch-every K --device meta|cpu --json F]
     badam-hf train RECIPE [section.key=value ...]   (RECIPE: a .yaml file or a shipped recipe's name)
     badam-hf recipes                                 (lists the shipped recipes)
     badam-hf prepare-model smollm2-135m-instruct [--out DIR]   (a real pretrained model, offline)
@@ -11,20 +12,52 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..core.config import GRANULARITIES
+from ..core.config import GRANULARITIES, MODES
+
+
+def _estimate_exact(ns: argparse.Namespace) -> int:
+    import json
+
+    from .estimate import exact, exact_setting, format_exact, to_json
+
+    methods = tuple(m.strip() for m in ns.methods.split(",") if m.strip())
+    try:
+        setting = exact_setting(ns.model, batch=ns.batch, seq=ns.seq, gradient_checkpointing=ns.gradient_checkpointing,
+                                badam={k: v for k, v in (("granularity", ns.granularity), ("mode", ns.mode),
+                                                         ("switch_every", ns.switch_every)) if v is not None},
+                                lora_rank=ns.lora_rank)
+        result = exact(setting, methods, ns.device)
+    except ValueError as e:
+        print(f"badam-hf estimate: {e}", file=sys.stderr)
+        return 2
+    print(format_exact(setting, result, ns.device))
+    if ns.json:
+        with open(ns.json, "w") as f:
+            json.dump(to_json(result), f, indent=1)
+    return 0
 
 
 def _estimate(ns: argparse.Namespace) -> int:
     from .estimate import estimate, format_table
 
+    if ns.exact:
+        if ns.gpus != 1:
+            print(f"badam-hf estimate: --gpus {ns.gpus}: --exact simulates one device (no sharded engine).",
+                  file=sys.stderr)
+            return 2
+        return _estimate_exact(ns)
+    for flag, value in (("--json", ns.json), ("--mode", ns.mode), ("--switch-every", ns.switch_every)):
+        if value is not None:
+            print(f"badam-hf estimate: {flag} needs --exact", file=sys.stderr)
+            return 2
     try:
         info, rows = estimate(
             ns.model,
             gpus=ns.gpus,
-            batch=ns.batch,
-            seq=ns.seq,
-            gradient_checkpointing=ns.gradient_checkpointing,
-            granularity=ns.granularity,
+            batch=2 if ns.batch is None else ns.batch,
+            seq=728 if ns.seq is None else ns.seq,
+            gradient_checkpointing=True if ns.gradient_checkpointing is None else ns.gradient_checkpointing,
+            granularity=ns.granularity or "layer",
             lora_rank=ns.lora_rank,
         )
     except ValueError as e:
@@ -100,13 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory per method (Adam, LoRA, LOMO, BAdam) for a model, without loading weights",
         description="Estimate training memory from a model config (weights are never allocated).",
     )
-    est.add_argument("model", help=f"built-in shape ({', '.join(BUILTIN_SHAPES)}), a local config.json or model folder")
+    est.add_argument("model", help=f"built-in shape ({', '.join(BUILTIN_SHAPES)}), a local config.json or model "
+                     "folder; with --exact also a recipe (its batch, cutoff length, checkpointing, K and mode)")
     est.add_argument("--gpus", type=int, default=1, help="GPUs the weights and states are sharded over")
-    est.add_argument("--batch", type=int, default=2, help="per-GPU batch size")
-    est.add_argument("--seq", type=int, default=728, help="sequence length")
-    est.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    est.add_argument("--granularity", choices=GRANULARITIES, default="layer")
+    est.add_argument("--batch", type=int, default=None, help="per-GPU batch size (default 2, or the recipe's)")
+    est.add_argument("--seq", type=int, default=None, help="sequence length (default 728, or the recipe's cutoff_len)")
+    est.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action=argparse.BooleanOptionalAction,
+                     default=None, help="default on, or the recipe's")
+    est.add_argument("--granularity", choices=GRANULARITIES, default=None, help="default layer, or the recipe's")
     est.add_argument("--lora-rank", type=int, default=8)
+    est.add_argument("--exact", action="store_true",
+                     help="run the real training step on meta tensors (no GPU, no weights) and report each "
+                     "method's peak per step and what is alive there, instead of the formula")
+    est.add_argument("--methods", default="badam,adamw,lora", help="with --exact: a comma list of badam, adamw, lora")
+    est.add_argument("--mode", choices=MODES, default=None, help="with --exact: BAdam's mode (default layer, or the recipe's)")
+    est.add_argument("--switch-every", dest="switch_every", type=int, default=None,
+                     help="with --exact: K (a later step is simulated when K >= 2)")
+    est.add_argument("--device", choices=("meta", "cpu"), default="meta",
+                     help="with --exact: cpu runs the same on real tensors (small shapes only), to check meta")
+    est.add_argument("--json", default=None, metavar="FILE", help="with --exact: write the peaks to FILE")
     est.set_defaults(func=_estimate)
 
     tr = sub.add_parser(

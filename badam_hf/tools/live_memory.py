@@ -1,7 +1,8 @@
 """Count live tensor bytes, phase by phase, independent of any allocator.
 
 RSS says what the process holds (allocator caches and fragmentation included); this says which tensors
-hold it. `LiveTensorBytes` is a `TorchDispatchMode`: every tensor an aten op returns is recorded by its
+hold it (also for meta tensors: storages are told apart by identity, not address; `tools/dry_run.py` builds
+its exact GPU-memory simulation on the same idea). `LiveTensorBytes` is a `TorchDispatchMode`: every tensor an aten op returns is recorded by its
 storage (views of a known storage are not counted twice) together with the phase it was made in and the
 op that made it; storages are dropped from the count once they are freed. Tensors that existed before the
 mode was entered (the model's weights) are registered with `track()`.
@@ -16,7 +17,7 @@ mode was entered (the model's weights) are registered with `track()`.
     live.peaks          # {"forward": bytes, "backward": bytes}: the most alive at any moment of each phase
     live.peak_snapshot  # what was alive at the overall peak, grouped by (phase made in, op or label)
 
-`labeler` (a callable returning {storage data_ptr: name}) names known tensors (masters, moments, grads) in
+`labeler` (a callable returning {storage_key(tensor): name}) names known tensors (masters, moments, grads) in
 the peak snapshot; everything else is named by the op that produced it.
 """
 
@@ -37,7 +38,10 @@ SNAPSHOT_STEP_BYTES = 1 << 20
 
 
 def storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
+    """The identity of `t`'s storage (its StorageImpl): unlike `data_ptr()`, which is 0 for every meta storage,
+    it tells meta storages apart. A counted storage is held through a `StorageWeakRef`, so its address is not
+    reused before the count drops it."""
+    return t.untyped_storage()._cdata
 
 
 class LiveTensorBytes(TorchDispatchMode):
@@ -63,15 +67,13 @@ class LiveTensorBytes(TorchDispatchMode):
         self._note_peak()
 
     def _add(self, t: torch.Tensor, op: str) -> None:
-        if t.device.type == "meta" or not hasattr(t, "untyped_storage"):
+        if not hasattr(t, "untyped_storage"):
             return
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # tensor subclasses without a storage of their own
             return
-        key = storage.data_ptr()
-        if key == 0:
-            return
+        key = storage._cdata
         held = self._live.get(key)
         if held is not None:
             if not held[0].expired():

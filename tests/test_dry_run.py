@@ -1,0 +1,168 @@
+"""tools/dry_run: the real training step on meta tensors gives the bytes the same step holds on real tensors,
+and leaves torch and transformers as it found them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+import torch.optim.optimizer as optim_mod
+from transformers import LlamaConfig, RobertaConfig, masking_utils
+
+from badam_hf.tools.cli import main
+from badam_hf.tools.dry_run import Setting, StorageCounter, meta_workarounds, run_method
+
+LLAMA = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, tie_word_embeddings=False)
+
+
+def llama_setting(**badam) -> Setting:
+    return Setting(config=LlamaConfig(**LLAMA), name="tiny-llama", batch=2, seq=32, badam=badam)
+
+
+def same_on_meta_and_cpu(setting: Setting, method: str) -> dict:
+    meta = run_method(setting, method, "meta")
+    cpu = run_method(setting, method, "cpu")
+    assert [s["step"] for s in meta["steps"]] == [s["step"] for s in cpu["steps"]]
+    for m, c in zip(meta["steps"], cpu["steps"]):
+        assert m["peak_bytes"] == c["peak_bytes"], (m["step"], m["peak_bytes"], c["peak_bytes"])
+        assert m["phase"] == c["phase"] and m["alive_at_peak"] == c["alive_at_peak"], m["step"]
+        assert m["phase_peaks"] == c["phase_peaks"], m["step"]
+    return meta
+
+
+@pytest.mark.parametrize("badam", [
+    {"switch_every": 2},
+    {"mode": "ratio", "switch_every": 2},
+    {"mode": "lisa", "switch_every": 2, "lisa_layers": 2},
+], ids=["layer", "ratio", "lisa"])
+def test_badam_modes_meta_equals_cpu_to_the_byte(badam):
+    res = same_on_meta_and_cpu(llama_setting(**badam), "badam")
+    assert [s["step"] for s in res["steps"]] == ["first step of a block", "later step (K=2)"]
+
+
+def test_badam_layer_mode_holds_what_it_should_at_its_peaks():
+    res = run_method(llama_setting(switch_every=2), "badam", "meta")
+    first, later = res["steps"]
+    h, i, kv = 64, 128, 32
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # one decoder layer's parameters: the active block
+    # The first step peaks in the inner AdamW step: fp32 gradient + master + two moments of the block.
+    assert first["phase"] == "step: inner AdamW"
+    alive = first["alive_at_peak"]
+    assert alive["fp32 gradients"] == alive["masters"] == 4 * layer
+    assert alive["moments"] == 8 * layer + 4 * 9  # two fp32 moments, plus the fp32 step count of its 9 tensors
+    # A later step keeps the master as 16 low bits and peaks at the loss: 3 fp32 copies of the logits.
+    assert later["phase"] == "backward: loss"
+    assert later["alive_at_peak"]["low halves"] == 2 * layer
+    assert later["alive_at_peak"]["loss temporaries"] >= 3 * 4 * 2 * 32 * 512
+    assert res["peak_bytes"] == later["peak_bytes"] > first["peak_bytes"]
+
+
+@pytest.mark.parametrize("method", ["adamw", "lora"])
+def test_adamw_and_lora_meta_equals_cpu_to_the_byte(method):
+    res = same_on_meta_and_cpu(llama_setting(), method)
+    assert len(res["steps"]) == 2
+
+
+def test_sequence_classification_fp32_meta_equals_cpu():
+    cfg = RobertaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                        num_attention_heads=4, max_position_embeddings=80, num_labels=2,
+                        # with attention dropout CPU takes SDPA's math path; a CUDA run (and the dry run) does not
+                        attention_probs_dropout_prob=0.0)
+    setting = Setting(config=cfg, name="tiny-roberta", batch=2, seq=16, dtype=torch.float32,
+                      task="sequence-classification", badam={"switch_every": 2, "always_active": ["classifier"]})
+    res = same_on_meta_and_cpu(setting, "badam")
+    # fp32 weights need no master: no masters and no low halves anywhere.
+    for s in res["steps"]:
+        assert "masters" not in s["alive_at_peak"] and "low halves" not in s["alive_at_peak"]
+
+
+def _state():
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return (F.scaled_dot_product_attention, optim_mod._get_fused_kernels_supported_devices,
+            masking_utils.find_packed_sequence_indices, len(_get_current_dispatch_mode_stack()),
+            torch.get_default_dtype(), torch.is_grad_enabled(), tuple(optim_mod._get_fused_kernels_supported_devices()))
+
+
+def test_leaves_torch_and_transformers_as_found():
+    before = _state()
+    assert "meta" not in before[-1]
+    with meta_workarounds():
+        inside = _state()
+        assert inside[0] is not before[0] and inside[1] is not before[1] and inside[2] is not before[2]
+        assert "meta" in inside[-1]
+    assert _state() == before
+    run_method(llama_setting(switch_every=2), "badam", "meta")
+    run_method(llama_setting(), "lora", "meta")
+    assert _state() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with meta_workarounds():
+            raise RuntimeError("boom")
+    assert _state() == before
+
+
+def test_flash_sdpa_on_meta_keeps_no_score_matrix():
+    """On meta the attention is flash's: output + fp32 log-sum-exp, no (seq x seq) scores in fp32."""
+    q = torch.empty(2, 4, 256, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.empty(2, 2, 256, 16, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    counter = StorageCounter()
+    with meta_workarounds(), counter:
+        out = F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+        out.sum().backward()
+    counter.finish()
+    scores = 2 * 4 * 256 * 256 * 4
+    assert counter.peak < scores
+    assert out.shape == q.shape and k.grad.shape == k.shape
+
+
+def test_counter_tells_meta_storages_apart_and_sees_frees():
+    counter = StorageCounter()
+    with counter:
+        a = torch.empty(1000, device="meta")
+        b = torch.empty(1000, device="meta")
+        v = a.view(10, 100)  # a view: no new bytes
+        assert counter.live_bytes() == 8000
+        del a, v
+        assert counter.live_bytes() == 4000
+        c = b * 2
+        assert counter.live_bytes() == 8000
+        del b, c
+    assert counter.peak == 8000 and counter.live_bytes() == 0
+
+
+def test_cli_exact_json_schema(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", **LLAMA}))
+    out = tmp_path / "peaks.json"
+    assert main(["estimate", str(path), "--exact", "--batch", "2", "--seq", "32", "--switch-every", "2",
+                 "--methods", "badam,lora", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| BAdam | later step (K=2) |" in text and "512 bytes" in text
+    doc = json.loads(out.read_text())
+    assert set(doc) == {"model", "batch", "seq", "methods"} and (doc["batch"], doc["seq"]) == (2, 32)
+    assert set(doc["methods"]) == {"badam", "lora"}
+    for m in doc["methods"].values():
+        assert set(m) == {"peak_bytes", "steps"}
+        assert m["peak_bytes"] == max(s["peak_bytes"] for s in m["steps"])
+        for s in m["steps"]:
+            assert set(s) == {"step", "peak_bytes", "phase", "alive_at_peak"}
+            assert sum(s["alive_at_peak"].values()) == s["peak_bytes"]
+    # the same on real CPU tensors
+    out_cpu = tmp_path / "cpu.json"
+    assert main(["estimate", str(path), "--exact", "--batch", "2", "--seq", "32", "--switch-every", "2",
+                 "--methods", "badam", "--device", "cpu", "--json", str(out_cpu)]) == 0
+    assert json.loads(out_cpu.read_text())["methods"]["badam"] == doc["methods"]["badam"]
+
+
+def test_cli_exact_refuses_bad_input(tmp_path, capsys):
+    assert main(["estimate", "llama3-8b", "--exact", "--methods", "sgd"]) == 2
+    assert "sgd" in capsys.readouterr().err
+    assert main(["estimate", "llama3-8b", "--json", str(tmp_path / "x.json")]) == 2
+    assert "--exact" in capsys.readouterr().err
+    assert main(["estimate", "llama3-8b", "--exact", "--gpus", "4"]) == 2
+    assert "one device" in capsys.readouterr().err
+    assert main(["estimate", "llama3-8b", "--exact", "--batch", "0"]) == 2
+    assert "batch=0" in capsys.readouterr().err
