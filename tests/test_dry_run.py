@@ -44,7 +44,8 @@ def test_badam_modes_meta_equals_cpu_to_the_byte(badam):
 
 
 def test_badam_layer_mode_holds_what_it_should_at_its_peaks():
-    res = run_method(llama_setting(switch_every=2), "badam", "meta")
+    # The model's own loss (chunked_loss=false): the full logits' fp32 tensors are the later step's peak.
+    res = run_method(llama_setting(switch_every=2, chunked_loss=False), "badam", "meta")
     first, later = res["steps"]
     h, i, kv = 64, 128, 32
     layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # one decoder layer's parameters: the active block
@@ -58,6 +59,15 @@ def test_badam_layer_mode_holds_what_it_should_at_its_peaks():
     assert later["alive_at_peak"]["low halves"] == 2 * layer
     assert later["alive_at_peak"]["loss temporaries"] >= 3 * 4 * 2 * 32 * 512
     assert res["peak_bytes"] == later["peak_bytes"] > first["peak_bytes"]
+
+
+def test_chunked_loss_removes_the_full_logits_from_the_later_step():
+    own = run_method(llama_setting(switch_every=2, chunked_loss=False), "badam", "meta")["steps"][1]
+    chunked = run_method(llama_setting(switch_every=2, loss_chunk_tokens=16), "badam", "meta")["steps"][1]
+    one_fp32_logits = 4 * 2 * 32 * 512  # batch x seq x vocab x 4 bytes
+    assert chunked["peak_bytes"] < own["peak_bytes"]
+    assert chunked["alive_at_peak"].get("loss temporaries", 0) < one_fp32_logits
+    assert same_on_meta_and_cpu(llama_setting(switch_every=2, loss_chunk_tokens=16), "badam")
 
 
 @pytest.mark.parametrize("method", ["adamw", "lora"])

@@ -30,6 +30,7 @@ everything back afterwards:
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -325,7 +326,9 @@ def make_inputs(setting: Setting, device) -> dict:
     vocab = setting.config.vocab_size
     ids = torch.randint(0, vocab, (setting.batch, setting.seq), generator=g).to(device)
     if setting.task == "causal-lm":
-        return {"input_ids": ids, "labels": ids}
+        # Every position labelled (shift_labels given): on meta the chunked loss cannot look at the labels and
+        # counts every token, so the real run on CPU must label every token too for the two to agree.
+        return {"input_ids": ids, "labels": ids, "shift_labels": ids}
     labels = torch.randint(0, max(2, getattr(setting.config, "num_labels", 2)), (setting.batch,), generator=g)
     return {"input_ids": ids, "labels": labels.to(device)}
 
@@ -437,10 +440,11 @@ def _mark_loss(model, counter: StorageCounter) -> None:
     head.register_forward_pre_hook(pre)
 
 
-def _step(model, inputs, counter, opt, has_head: bool) -> dict:
+def _step(model, inputs, counter, opt, has_head: bool, loss_context=contextlib.nullcontext) -> dict:
     counter.reset_peak()
     counter.set_phase("forward")
-    loss = model(**inputs).loss  # the outputs (logits) go, as in Trainer.compute_loss
+    with loss_context():
+        loss = model(**inputs).loss  # the outputs (logits) go, as in Trainer.compute_loss
     counter.set_phase("backward: loss" if has_head else "backward")
     loss.backward()
     loss = loss.detach()  # kept through the step, as Trainer keeps it for its running loss
@@ -500,6 +504,13 @@ def _run_steps(setting: Setting, method: str, device, model, counter: StorageCou
         _phase_around(counter, opt.inner, "step", "step: inner AdamW")
         _phase_around(counter, opt, "_write_back", "step: write back")
     _mark_loss(model, counter)
+    loss_context = contextlib.nullcontext
+    if method == "badam" and has_head and opt.config.chunked_loss:
+        # What BAdamTrainer and --optim badam train with (AdamW and LoRA keep the model's own loss).
+        from ..integrations.chunked_loss import chunked_causal_lm_loss, unsupported_reason
+
+        if unsupported_reason(model) is None:
+            loss_context = functools.partial(chunked_causal_lm_loss, model, opt.config.loss_chunk_tokens)
     counter.set_phase("inputs")
     inputs = make_inputs(setting, device)
     counter.track(inputs.values())
@@ -511,7 +522,7 @@ def _run_steps(setting: Setting, method: str, device, model, counter: StorageCou
     else:
         names = ["step 1", "step 2"]  # the moments exist from the second step on
     for name in names:
-        steps.append({"step": name, **_step(model, inputs, counter, opt, has_head)})
+        steps.append({"step": name, **_step(model, inputs, counter, opt, has_head, loss_context)})
     return steps
 
 

@@ -98,6 +98,15 @@ def loss_temporary_bytes(config, batch: int, seq: int, task: str = "causal-lm") 
     return 3 * 4 * batch * seq * config.vocab_size
 
 
+def chunked_loss_bytes(config, batch: int, seq: int, chunk_tokens: int, task: str = "causal-lm") -> float:
+    """What BAdam's chunked loss (`chunked_loss`, on by default) holds instead: one chunk's logits in bf16 and
+    fp32 and their gradient (about 8 bytes x chunk x vocab), plus the labelled tokens' hidden states gathered
+    for the head (measured in docs/memory-chunked-loss.md)."""
+    if task != "causal-lm":
+        return 0.0
+    return 8 * min(chunk_tokens, batch * seq) * config.vocab_size + 2 * batch * seq * config.hidden_size
+
+
 def activation_bytes(config, batch: int, seq: int, gradient_checkpointing: bool, task: str = "causal-lm",
                      dtype_bytes: int = 2) -> float:
     """Activations alive when backward starts at the loss, where the dry run puts the peak of every method
@@ -120,12 +129,15 @@ def estimate(
     granularity: str = "layer",
     lora_rank: int = 8,
     dtype: str = "bfloat16",
+    loss_chunk_tokens: int | None = 256,
 ) -> tuple[dict, list[Estimate]]:
     """The formula's peak per method: the larger of two moments the dry run (`--exact`) shows to be the
     peaks. At the optimizer step: weights and every trained parameter's fp32 gradient, master and moments
     (16 bytes; 12 for fp32 weights, which need no master), no activations. When backward starts at the
     loss: weights, what lives between steps (moments, BAdam's master low halves, AdamW's master) and the
-    gradients made there, plus the checkpoints and the loss's fp32 logits tensors."""
+    gradients made there, plus the checkpoints and the loss's fp32 logits tensors (BAdam: one chunk's, unless
+    `loss_chunk_tokens` is None, i.e. chunked_loss=false). A later step's other moment is the master rebuild
+    at its optimizer step, which holds what the first step holds (the low halves go as the masters come)."""
     for name, value in (("gpus", gpus), ("batch", batch), ("seq", seq), ("lora_rank", lora_rank)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name}={value!r}: {name} must be a whole number >= 1.")
@@ -143,6 +155,8 @@ def estimate(
     master = 4 if dtype == "bfloat16" else 0  # fp32 weights are their own master
     low = 2 if dtype == "bfloat16" else 0  # BAdam keeps a bf16 block's master as its 16 low bits between steps
     act = activation_bytes(config, batch, seq, gradient_checkpointing, task, dtype_bytes=w)
+    act_badam = act if loss_chunk_tokens is None else (
+        act - loss_temporary_bytes(config, batch, seq, task) + chunked_loss_bytes(config, batch, seq, loss_chunk_tokens, task))
     # LoRA on the q/v projections (the paper's setting): two rank-r matrices per adapted projection, in fp32
     # (peft upcasts adapters of bf16 weights).
     h, L = config.hidden_size, config.num_hidden_layers
@@ -168,10 +182,10 @@ def estimate(
         Estimate("LOMO", w * total / n, 2 * largest_matrix, 0.0, act),
         # A block's first step: at its optimizer step, or at the loss (no state yet) when the loss is larger.
         larger(Estimate("BAdam", w * total / n, 4 * active / n, (master + 8) * active / n, 0.0),
-               Estimate("BAdam", w * total / n, 0.0, 0.0, act)),
-        # A later step: at the loss with moments and low halves, or at the master join (fp32 buffer + low halves).
-        larger(Estimate("BAdam (later step)", w * total / n, 0.0, (low + 8) * active / n, act),
-               Estimate("BAdam (later step)", w * total / n, 4 * active / n, (master + low + 8) * active / n, 0.0)),
+               Estimate("BAdam", w * total / n, 0.0, 0.0, act_badam)),
+        # A later step: at the loss with moments and low halves, or at the master rebuild of its optimizer step.
+        larger(Estimate("BAdam (later step)", w * total / n, 0.0, (low + 8) * active / n, act_badam),
+               Estimate("BAdam (later step)", w * total / n, 4 * active / n, (master + 8) * active / n, 0.0)),
     ]
     info = {
         "model": model,
