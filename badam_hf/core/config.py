@@ -19,6 +19,7 @@ import torch
 from .errors import BAdamConfigError
 
 GRANULARITIES = ("layer", "attn_mlp", "matrix")
+VLM_FIELDS = ("include_vision", "include_projector")  # PartitionConfig's vision-language switches
 SWITCH_MODES = ("random", "ascending", "descending", "fixed")
 MODES = ("layer", "ratio", "lisa")
 MASK_MODES = ("adjacent", "scatter")
@@ -64,6 +65,7 @@ class PartitionConfig:
         include_lm_head: add the output side (final norm, LM head) as one extra block.
         always_active: module-name prefixes trained in every block. `None` picks a randomly initialised
             task head (`classifier`, `score`, `qa_outputs`) when the model has one; `[]` means none.
+        include_vision, include_projector: vision-language models only (see `VLM_FIELDS`).
     """
 
     granularity: str = "layer"
@@ -71,6 +73,15 @@ class PartitionConfig:
     include_embedding: bool = False
     include_lm_head: bool = False
     always_active: list[str] | None = None
+    # --- vision-language models (Llava, Qwen2-VL / 2.5-VL / 3-VL, Gemma 3). By default their blocks are the
+    # language model's layers and the vision tower and projector stay frozen (LlamaFactory's defaults).
+    include_vision: bool = field(default=False, metadata={"help": (
+        "vision-language models: add the vision tower's layers as blocks, after the language layers in the "
+        "block order (layers whose output the model never reads, e.g. Llava's last CLIP layer with "
+        "vision_feature_layer=-2, are left out).")})
+    include_projector: bool = field(default=False, metadata={"help": (
+        "vision-language models: train the projector / merger between the vision tower and the language "
+        "model in every block (always active).")})
 
     def __post_init__(self):
         _choice("granularity", self.granularity, GRANULARITIES)
@@ -78,13 +89,18 @@ class PartitionConfig:
         self.always_active = _as_list(self.always_active)
         if self.target_modules is not None and not self.target_modules:
             raise BAdamConfigError("target_modules is empty; leave it unset to partition by `granularity`.")
-        for name in ("include_embedding", "include_lm_head"):
+        for name in ("include_embedding", "include_lm_head", *VLM_FIELDS):
             if not isinstance(getattr(self, name), bool):
                 raise BAdamConfigError(f"{name} must be true or false, got {getattr(self, name)!r}.")
         if self.target_modules is not None and (self.include_embedding or self.include_lm_head):
             raise BAdamConfigError(
                 "include_embedding/include_lm_head do not combine with target_modules: with explicit blocks, "
                 "name the embedding or head as a block of its own in target_modules."
+            )
+        if self.target_modules is not None and self.include_vision:
+            raise BAdamConfigError(
+                "include_vision does not combine with target_modules: with explicit blocks, name the vision "
+                "layers in target_modules."
             )
 
 
