@@ -44,12 +44,13 @@ logger = logging.getLogger(__name__)
 
 
 class _TieToAnchor(torch.autograd.Function):
-    """`x` itself (a view: no copy of large logits), made part of a graph through `anchor`, a leaf that
-    requires grad; the gradient stops there."""
+    """A copy of `x` made part of a graph through `anchor`, a leaf that requires grad; the gradient stops
+    there. (A copy, not a view: the Trainer scales the loss in place, which autograd forbids on a view made
+    inside a custom Function.)"""
 
     @staticmethod
     def forward(ctx, x, anchor):
-        return x.view_as(x)
+        return x.clone()
 
     @staticmethod
     def backward(ctx, grad):
