@@ -134,9 +134,9 @@ PROJECTOR_NAMES = ("multi_modal_projector", "merger", "deepstack_merger_list", "
 def find_multimodal(model: nn.Module) -> Multimodal | None:
     """A vision-language model's language model, vision tower and projector; None for other models.
 
-    The language model is `model.get_decoder()`; the vision side is everything that runs before its layer
-    stack outside it (the modules registered before it, as HF's VLMs do); the projector is the part of the
-    vision side named like one (`PROJECTOR_NAMES`), the rest is the vision tower."""
+    The language model is `model.get_decoder()`; the vision side is everything outside it but the LM head
+    (the modules beside it along its chain of parents); the projector is the part of the vision side named
+    like one (`PROJECTOR_NAMES`), the rest is the vision tower."""
     if getattr(getattr(model, "config", None), "vision_config", None) is None:
         return None
     get = getattr(model, "get_decoder", None)
@@ -151,7 +151,7 @@ def find_multimodal(model: nn.Module) -> Multimodal | None:
     path, module, _ = max(in_language, key=lambda c: c[2])
     lstack = LayerStack(path, list(module))
     names = list(named_parameters(model))
-    side = [m for m in _input_side_modules(model, lstack.path) if not _under(m, lpath)]
+    side = _siblings_along(model, lpath)
     side_names = [n for n in names if any(_under(n, m) for m in side)]
     projectors = [p for p, _ in model.named_modules() if p.split(".")[-1] in PROJECTOR_NAMES
                   and any(_under(p, m) for m in side)]
@@ -164,6 +164,18 @@ def find_multimodal(model: nn.Module) -> Multimodal | None:
     ])
     return Multimodal(lpath, lstack, vision, projector, vision_stacks,
                       _unused_vision_layers(model.config, vision_stacks))
+
+
+def _siblings_along(model: nn.Module, path: str) -> list[str]:
+    """The modules beside `path` at each level of its chain of parents, except the output embedding (LM head):
+    in a VLM, the vision tower and projector, wherever they are registered."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    out, module, prefix = [], model, ""
+    for part in path.split("."):
+        out += [prefix + name for name, child in module.named_children() if name != part and child is not head]
+        module, prefix = getattr(module, part), prefix + part + "."
+    return out
 
 
 def _unused_vision_layers(config, vision_stacks: list[LayerStack]) -> list[str]:
@@ -270,6 +282,8 @@ def partition_model(model: nn.Module, config: PartitionConfig | None = None,
     layer_of: dict[str, int] = {}
     input_side: set[str] = set()
     chain = [_stack_info(model, s, names, names_of) for s in all_stacks]
+    if mm is not None:  # the vision side feeds the language model wherever it is registered
+        chain[-1].upstream |= frozen
     if len(stacks) == 1 or mm is not None:
         primary = next(i for i in chain if i.stack.path == stacks[0].path)
         layer_of, input_side = dict(primary.layer_of), set(primary.upstream)
