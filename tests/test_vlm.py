@@ -332,3 +332,30 @@ def test_lisa_and_ratio_modes_keep_the_vision_tower_frozen(family):
             assert moved
         mm = find_multimodal(model)
         assert not changed(model, start) & (set(mm.vision) | set(mm.projector)), mode
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_bf16_no_op_step_mid_block_leaves_weights_and_masters_untouched(family):
+    """bf16 weights with fp32 masters held split between steps: a text-only step between two image steps of a
+    vision block changes no bit, and the next image step continues from the same masters and moments."""
+    model = tiny_vlm(family).to(torch.bfloat16)
+    vis = vision_layers(model)[0]
+    opt = BlockOptimizer(model, target_modules=[vis], switch_every=4, lr=1e-2)
+    kinds = ["image", "text", "text", "image"]
+    twin = copy.deepcopy(model)
+    twin_opt = BlockOptimizer(twin, target_modules=[vis], switch_every=4, lr=1e-2)
+    for step, kind in enumerate(kinds):
+        before = snapshot(model)
+        moved = train_steps(model, opt, kind, 1, first=step)[0][1]
+        assert bool(moved) == (kind == "image"), step
+        if kind == "text":
+            assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # The twin skips the text-only steps' forward altogether and steps on no gradient: same weights.
+    for step, kind in enumerate(kinds):
+        if kind == "image":
+            twin(**batch_for(twin, kind, step)).loss.backward()
+        twin_opt.step()
+        twin_opt.zero_grad()
+    mine = dict(twin.named_parameters())
+    assert all(torch.equal(p, mine[n]) for n, p in model.named_parameters())
+    assert opt.truncation.gradless_forwards == 2 and twin_opt.truncation.gradless_forwards == 0
