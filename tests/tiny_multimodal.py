@@ -3,8 +3,8 @@
 The vision-language batches are built by hand the way each model's processor would: the image placeholder
 token repeated once per image feature the vision tower + projector produce (Llava: one per patch, Gemma 3:
 `mm_tokens_per_image`, Qwen-VL: one per 2x2 merged patch, between vision start / end tokens), `pixel_values` in
-the layout the vision tower reads, and the extra inputs the model needs (`image_grid_thw` for Qwen-VL,
-`token_type_ids` for Gemma 3, `mm_token_type_ids` for Qwen-VL). `vlm_batch(model, images=False)` gives a text-only
+the layout the vision tower reads, and the extra inputs the model needs (`image_grid_thw` and
+`mm_token_type_ids` for Qwen-VL, `token_type_ids` for Gemma 3). `vlm_batch(model, images=False)` gives a text-only
 batch; `vlm_collate` pads rows and concatenates their images, so a batch may also mix the two.
 
 Builders: `tiny_vlm(family, ...)` for family in `VLM_FAMILIES`, `tiny_moe(family, ...)` for family in
