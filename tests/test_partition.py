@@ -330,3 +330,36 @@ def test_include_embedding_without_input_side():
         partition_model(Net(), PartitionConfig(include_embedding=True))
     assert partition_model(Net(), PartitionConfig(include_lm_head=True)).blocks[-1].param_names == [
         "head.weight", "head.bias"]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_qwen3_and_gemma3_text_models_train_in_layer_ratio_and_lisa_modes(family):
+    """LLaMA-Factory #8927 reports Qwen3 and Gemma 3 failing in ratio mode: both train here in every mode, with
+    only the blocks (and, for lisa, the outside) changing."""
+    import transformers as T
+
+    from badam_hf import BlockOptimizer
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=L, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    if family == "qwen3":
+        model = T.Qwen3ForCausalLM(T.Qwen3Config(**text))
+    else:
+        model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(**text, query_pre_attn_scalar=8, sliding_window=8))
+    ids = torch.randint(2, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    for mode, extra in (("layer", {}), ("ratio", {"update_ratio": 0.25}), ("lisa", {"lisa_layers": 1})):
+        start = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt = BlockOptimizer(model, mode=mode, switch_every=1, lr=1e-2, **extra)
+        assert opt.partition.names == [f"model.layers.{i}" for i in range(L)]
+        for _ in range(2 * L):
+            trained = {n for b in opt.active_blocks for n in opt.partition.blocks[b].param_names}
+            trained |= set(opt.partition.always_active)
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+            assert moved and moved <= trained, mode
+        assert any(not torch.equal(p, start[n]) for n, p in model.named_parameters())
+        opt.truncation.remove()

@@ -15,16 +15,46 @@ that tensor is made to require grad so the checkpointed layer still produces gra
 `forward` (not `__call__`) in the checkpoint, so this hook runs outside the checkpoint, where it must.
 HF's input-require-grads hooks are removed when the optimizer is built and again before every forward
 (a model-level pre-hook), so enabling checkpointing after the optimizer exists changes nothing.
+
+Models with several stacks (an encoder-decoder's encoder and decoder, a vision-language model's vision
+tower and language model) are cut stack by stack: each stack at its lowest active layer, unless something
+trainable runs before that stack (`StackInfo.upstream`: for a decoder that includes the whole encoder, for a
+language model the vision tower and projector), since the cut would then drop that part's gradient.
+
+A forward whose loss depends on no trainable parameter (the active block is a vision layer and the batch has
+no image, or a layer whose output the model never reads) would make `loss.backward()` fail with "element 0 of
+tensors does not require grad". A model-level forward hook then ties the loss to a dummy leaf so backward
+runs; the block gets no gradient, the optimizer step leaves it unchanged (the inner optimizer skips
+parameters without a gradient), and the step still counts towards `switch_every`: the schedule stays a pure
+function of the step count, which resume, the Trainer's step counter and every DDP rank rely on. It is
+logged once per block activation (`gradless_forwards` counts them).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 from torch import nn
 
 from .partition import Partition
+
+logger = logging.getLogger(__name__)
+
+
+class _TieToAnchor(torch.autograd.Function):
+    """A copy of `x` made part of a graph through `anchor`, a leaf that requires grad; the gradient stops
+    there. (A copy, not a view: the Trainer scales the loss in place, which autograd forbids on a view made
+    inside a custom Function.)"""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
 
 
 def _is_reentrant_checkpointed(module: nn.Module) -> bool:
@@ -37,27 +67,38 @@ def _is_reentrant_checkpointed(module: nn.Module) -> bool:
 
 
 class BackwardTruncation:
-    """Owns the pre-hooks; `update(trainable_names)` moves the cut after each block switch."""
+    """Owns the pre-hooks; `update(trainable_names)` moves the cuts after each block switch."""
 
     def __init__(self, model: nn.Module, partition: Partition, enabled: bool = True):
         self.model = model
         self.partition = partition
-        self.cut_layer: int | None = None
+        self.chain = list(partition.chain)
+        # The stack whose cut `cut_layer` reports: the one the blocks' layer indices refer to.
+        self._primary = partition.stacks[0].path if partition.stacks and partition.layer_of else None
+        self.cuts: dict[str, int | None] = {info.stack.path: None for info in self.chain}
         self._handles = []
-        stacks = partition.stacks
-        # With two stacks (encoder-decoder) the decoder also reads the encoder's output: no safe single cut.
-        self.enabled = enabled and len(stacks) == 1
+        self._trainable: set[str] = set()
+        self._warned = False
+        self.gradless_forwards = 0  # forwards whose loss depended on no trainable parameter
+        self._anchor = torch.zeros((), requires_grad=True)
+        self.enabled = enabled and bool(self.chain)
         # The (HF) modules that can hold `enable_input_require_grads()` hooks.
         self._hf_modules = [m for m in model.modules() if callable(getattr(m, "disable_input_require_grads", None))]
+        self._handles.append(model.register_forward_hook(self._gradless_hook))
         if self.enabled:
-            for i, layer in enumerate(stacks[0].layers):
-                self._handles.append(
-                    layer.register_forward_pre_hook(functools.partial(self._pre_hook, i), with_kwargs=True)
-                )
+            for info in self.chain:
+                for i, layer in enumerate(info.stack.layers):
+                    self._handles.append(layer.register_forward_pre_hook(
+                        functools.partial(self._pre_hook, info.stack.path, i), with_kwargs=True))
             # Checkpointing may be enabled after the optimizer is built (re-installing HF's hooks): drop them
             # again before each forward, ahead of the embedding that they act on.
             self._handles.append(model.register_forward_pre_hook(self._drop_hook))
             self.drop_input_require_grads()
+
+    @property
+    def cut_layer(self) -> int | None:
+        """The cut in the partition's layer stack (a VLM's language model); see `cuts` for every stack."""
+        return self.cuts.get(self._primary) if self._primary is not None else None
 
     def drop_input_require_grads(self) -> None:
         """Remove HF's `enable_input_require_grads()` hooks: the pre-hook makes them unnecessary, and they
@@ -71,19 +112,23 @@ class BackwardTruncation:
         self.drop_input_require_grads()
 
     def update(self, trainable_names) -> None:
-        trainable = list(trainable_names)
-        if not self.enabled or any(n in self.partition.input_side for n in trainable):
-            self.cut_layer = None
-            return
-        self.cut_layer = self.partition.lowest_layer(trainable)
+        trainable = set(trainable_names)
+        self._trainable = trainable
+        self._warned = False
+        for info in self.chain:
+            if not self.enabled or trainable & info.upstream:
+                self.cuts[info.stack.path] = None  # a trainable part feeds this stack: its backward must run
+                continue
+            idx = [info.layer_of[n] for n in trainable if n in info.layer_of]
+            self.cuts[info.stack.path] = min(idx) if idx else None
 
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
-    def _pre_hook(self, index: int, module: nn.Module, args, kwargs):
-        if index != self.cut_layer or not torch.is_grad_enabled():
+    def _pre_hook(self, path: str, index: int, module: nn.Module, args, kwargs):
+        if index != self.cuts.get(path) or not torch.is_grad_enabled():
             return None
         # HF passes the hidden states positionally (reentrant checkpointing requires it); accept a kwarg too.
         if args and torch.is_tensor(args[0]):
@@ -99,3 +144,22 @@ class BackwardTruncation:
         if _is_reentrant_checkpointed(module) and cut.is_floating_point():
             cut.requires_grad_(True)
         return cut
+
+    def _gradless_hook(self, module: nn.Module, args, output):
+        """Make a loss that no trainable parameter reached differentiable (see the module docstring)."""
+        if not (module.training and torch.is_grad_enabled() and self._trainable):
+            return None
+        key = "loss" if torch.is_tensor(getattr(output, "loss", None)) else "logits"
+        value = getattr(output, key, None)
+        if not torch.is_tensor(value) or value.requires_grad or not value.is_floating_point():
+            return None
+        self.gradless_forwards += 1
+        if not self._warned:
+            self._warned = True
+            blocks = [b.name for b in self.partition.blocks if self._trainable.intersection(b.param_names)]
+            logger.warning(
+                "badam_hf: no trainable parameter of the active block(s) %s took part in this forward (e.g. a vision "
+                "layer on a text-only batch); the block gets no gradient from it, and a step that gets none at all "
+                "leaves the block unchanged and still counts towards switch_every.", ", ".join(blocks) or "-")
+        setattr(output, key, _TieToAnchor.apply(value, self._anchor))
+        return output

@@ -35,6 +35,7 @@ MaskMode = Literal["adjacent", "scatter"]
 InactiveUpdate = Literal["none", "sgd", "signsgd"]
 InactiveScope = Literal["above", "all"]
 GRANULARITIES = typing.get_args(Granularity)
+VLM_FIELDS = ("include_vision", "include_projector")  # PartitionConfig's vision-language switches
 SWITCH_MODES = typing.get_args(SwitchMode)
 MODES = typing.get_args(Mode)
 MASK_MODES = typing.get_args(MaskMode)
@@ -246,6 +247,15 @@ class PartitionConfig:
         "module-name prefixes trained in every block, e.g. `classifier+pooler`. Unset picks a randomly "
         "initialised task head (`classifier`, `score`, `qa_outputs`) when the model has one; `none` means none."
     )})
+    # --- vision-language models (Llava, Qwen2-VL / 2.5-VL / 3-VL, Gemma 3). By default their blocks are the
+    # language model's layers and the vision tower and projector stay frozen (LlamaFactory's defaults).
+    include_vision: bool = field(default=False, metadata={"help": (
+        "vision-language models: add the vision tower's layers as blocks, after the language layers in the "
+        "block order (layers whose output the model never reads, e.g. Llava's last CLIP layer with "
+        "vision_feature_layer=-2, are left out).")})
+    include_projector: bool = field(default=False, metadata={"help": (
+        "vision-language models: train the projector / merger between the vision tower and the language "
+        "model in every block (always active).")})
 
     def __post_init__(self):
         check_types(self)
@@ -255,6 +265,11 @@ class PartitionConfig:
             raise BAdamConfigError(
                 "include_embedding/include_lm_head do not combine with target_modules: with explicit blocks, "
                 "name the embedding or head as a block of its own in target_modules."
+            )
+        if self.target_modules is not None and self.include_vision:
+            raise BAdamConfigError(
+                "include_vision does not combine with target_modules: with explicit blocks, name the vision "
+                "layers in target_modules."
             )
 
 

@@ -74,12 +74,23 @@ def check_model(model: nn.Module) -> None:
     """Refuse models BAdam cannot train correctly, before anything changes."""
     try:
         from peft import PeftModel
+        from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError:  # peft is a dependency, but keep the check usable without it
-        PeftModel = ()
-    if (PeftModel and isinstance(model, PeftModel)) or getattr(model, "_hf_peft_config_loaded", False):
+        PeftModel = BaseTunerLayer = ()
+    # Wrapped (PeftModel), unwrapped (get_base_model() still holds the LoRA layers) or added through
+    # transformers' add_adapter / load_adapter: BAdam would train the base weights and the adapter matrices
+    # together, and save `base_layer` / `lora_A` keys that plain from_pretrained cannot load.
+    tuner = next((n for n, m in model.named_modules() if n and (
+                  (BaseTunerLayer and isinstance(m, BaseTunerLayer)) or type(m).__module__.startswith("peft."))), None)
+    if (PeftModel and isinstance(model, PeftModel)) or tuner is not None or getattr(model, "_hf_peft_config_loaded", False):
+        where = f" (e.g. {tuner!r})" if tuner else ""
         raise BAdamConfigError(
-            "the model is a PEFT/LoRA model; BAdam trains the full parameters block by block. Pass the base "
-            "model (model.get_base_model() or merge_and_unload()), or use a PEFT optimizer instead."
+            f"the model holds PEFT adapter layers{where}; BAdam trains a model's own full weights block by block, "
+            "and would train the adapter matrices along with them. Either merge the adapters into the weights "
+            "first and full-fine-tune the merged model with BAdam: `model = peft_model.merge_and_unload()` (on the "
+            "PeftModel; for adapters added with transformers' load_adapter, load them with "
+            "`PeftModel.from_pretrained(base_model, adapter_path)` and merge that), or train the adapters alone "
+            "with plain LoRA training, without BAdam (e.g. --optim adamw_torch)."
         )
     fp16 = [n for n, p in model.named_parameters() if p.dtype == torch.float16]
     if fp16:
