@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -24,6 +24,7 @@ MODES = ("layer", "ratio", "lisa")
 MASK_MODES = ("adjacent", "scatter")
 INACTIVE_UPDATES = ("none", "sgd", "signsgd")
 INACTIVE_SCOPES = ("above", "all")
+ROUNDINGS = ("nearest", "stochastic")
 # switch_every when it is not given: the paper's K for blocks and ratio masks, LISA's sampling interval.
 DEFAULT_SWITCH_EVERY = {"layer": 100, "ratio": 100, "lisa": 20}
 # Short names for the inner optimizer; anything else must be a dotted path to a torch.optim.Optimizer class.
@@ -189,15 +190,22 @@ class InactiveUpdateConfig:
         inactive_scope: `above` (default: only the layers above the lowest active one and the output side,
             whose backward runs anyway, so BAdam's backward truncation is kept) or `all` (every other
             parameter: a full backward).
+        inactive_rounding: how the step lands in a bf16 weight: `nearest` (default: the step in bf16
+            arithmetic, as BREAD does; an update below half an ulp is lost) or `stochastic` (the step in fp32,
+            rounded up or down at random with the probabilities that keep its expected value).
     """
 
     inactive_update: str = "none"
     inactive_lr_scale: float = 5.0
     inactive_scope: str = "above"
+    inactive_rounding: Literal["nearest", "stochastic"] = field(default="nearest", metadata={"help": (
+        "how BREAD's in-backward step lands in a bf16 weight: nearest (bf16 arithmetic; updates below half an "
+        "ulp are lost) or stochastic (fp32 step, rounded up or down at random, unbiased).")})
 
     def __post_init__(self):
         _choice("inactive_update", self.inactive_update, INACTIVE_UPDATES)
         _choice("inactive_scope", self.inactive_scope, INACTIVE_SCOPES)
+        _choice("inactive_rounding", self.inactive_rounding, ROUNDINGS)
         if not _is_number(self.inactive_lr_scale) or not 0.0 < float(self.inactive_lr_scale) < float("inf"):
             raise BAdamConfigError(
                 f"inactive_lr_scale={self.inactive_lr_scale!r} is not valid; it multiplies the learning rate of the "
@@ -235,6 +243,11 @@ class BAdamConfig:
             The weight is then the master rounded to nearest with ties toward zero (torch breaks ties to
             even: they differ when the dropped half is exactly 0x8000, about once in 65536 roundings, and
             are both half an ulp away). `false` keeps the fp32 masters whole.
+        switch_rounding: how a block's fp32 masters are rounded into the bf16 weights the last time, when
+            they are dropped (block switch, LISA layers leaving the sample, a ratio period ending, the last
+            step of training): `nearest`, or `stochastic` (up or down at random with the probabilities that
+            keep the expected value, so updates below half a bf16 ulp survive on average). Between the steps
+            of a visit the masters stay exact either way.
     """
 
     mode: str = "layer"
@@ -247,6 +260,9 @@ class BAdamConfig:
     truncate_backward: bool = True
     fp32_grad_accumulation: bool = True
     split_masters: bool = True
+    switch_rounding: Literal["nearest", "stochastic"] = field(default="nearest", metadata={"help": (
+        "how a block's fp32 masters are rounded into bf16 weights when they are dropped (block switch, end of "
+        "a LISA/ratio period, last step of training): nearest or stochastic (unbiased).")})
 
     def __post_init__(self):
         for name in ("truncate_backward", "fp32_grad_accumulation", "split_masters"):
@@ -260,6 +276,7 @@ class BAdamConfig:
             if isinstance(getattr(self, name), dict):
                 setattr(self, name, cls(**getattr(self, name)))
         _choice("mode", self.mode, MODES)
+        _choice("switch_rounding", self.switch_rounding, ROUNDINGS)
         if self.schedule.switch_every is None:
             self.schedule.switch_every = DEFAULT_SWITCH_EVERY[self.mode]
         self._check_mode_combinations()
@@ -294,7 +311,7 @@ class BAdamConfig:
             )
         if self.inactive != InactiveUpdateConfig() and not self.inactive.enabled:
             raise BAdamConfigError(
-                "inactive_lr_scale/inactive_scope configure inactive_update, which is 'none'; set "
+                "inactive_lr_scale/inactive_scope/inactive_rounding configure inactive_update, which is 'none'; set "
                 "inactive_update=sgd or signsgd, or leave them unset."
             )
         if self.inactive.enabled and mode == "ratio":
@@ -328,6 +345,7 @@ class BAdamConfig:
         out["truncate_backward"] = (None, bool)
         out["fp32_grad_accumulation"] = (None, bool)
         out["split_masters"] = (None, bool)
+        out["switch_rounding"] = (None, str)
         return out
 
     @classmethod

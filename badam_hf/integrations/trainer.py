@@ -44,6 +44,8 @@ class BAdamCallback(TrainerCallback):
         if opt is not None and opt.global_step != state.global_step:
             # Resumed without the optimizer's own state: the block still follows from the step count.
             opt.seek(state.global_step)
+        if opt is not None:
+            opt.total_steps = state.max_steps  # its last step drops every master (switch_rounding applies)
         # Multi-process DDP: the Trainer has wrapped the model by now; keep its reducer on the active block.
         trainer = self._trainer() if getattr(self, "_trainer", None) is not None else None
         if opt is not None and trainer is not None:
@@ -60,6 +62,11 @@ class BAdamCallback(TrainerCallback):
                 accelerator = trainer.accelerator
                 opt.register_boundary_check(lambda: bool(accelerator.sync_gradients))
                 self._boundary_for = opt
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        opt = unwrap_optimizer(optimizer)
+        if opt is not None:
+            opt.finish()  # training stopped before max_steps: round the live masters as at a block's end
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer)
