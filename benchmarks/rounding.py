@@ -100,6 +100,8 @@ def measure(model, lr: float, ks: list[int], batches, hidden, draws: int) -> dic
 
     opt.inner.register_step_post_hook(grab)
     for step in range(max(ks)):
+        if step % 10 == 0:
+            print(f"[rounding] lr {lr:g}: step {step}", file=sys.stderr, flush=True)
         ids, h = batches[step % len(batches)], hidden[step % len(batches)]
         model(inputs_embeds=h, labels=ids).loss.backward()
         opt.step()
@@ -171,26 +173,24 @@ def main(argv=None) -> int:
     model_dir = str(prepare_model("smollm2-135m-instruct"))
     batches = token_batches(model_dir, a.data, a.seq, a.batch, a.batches)
     t0 = time.perf_counter()
-    results = {}
+    print(f"SmolLM2-135M-Instruct, bf16 weights; one visit of decoder layer(s) {', '.join(map(str, layers))} "
+          f"(AdamW, constant lr, batch {a.batch} x {a.seq} tokens of the Alpaca training split); stochastic: mean "
+          f"± half-range over {a.draws} seeds. {cpu_name()}.\n")
+    print("| layer | lr | K | survives, nearest | survives, stochastic | entries changed, nearest | "
+          "entries changed, stochastic | noise, nearest | noise, stochastic |")
+    print("|---|---|---|---|---|---|---|---|---|", flush=True)
     with fp32_linear_compute():
         for layer in layers:
             hidden = inputs_of_layer(load(model_dir), layer, batches)
             for lr in lrs:
                 # A fresh model per run: an optimizer's hooks stay on the parameters it was built over.
-                results[(layer, lr)] = measure(cut_below(load(model_dir), layer), lr, ks, batches, hidden, a.draws)
-                print(f"[rounding] layer {layer}, lr {lr:g}: {time.perf_counter() - t0:.0f} s", file=sys.stderr,
-                      flush=True)
-    print(f"SmolLM2-135M-Instruct, bf16 weights; one visit of decoder layer(s) {', '.join(map(str, layers))} "
-          f"(AdamW, constant lr, batch {a.batch} x {a.seq} tokens of the Alpaca training split); stochastic: mean "
-          f"± half-range over {a.draws} seeds. {cpu_name()}, {time.perf_counter() - t0:.0f} s.\n")
-    print("| layer | lr | K | survives, nearest | survives, stochastic | entries changed, nearest | "
-          "entries changed, stochastic | noise, nearest | noise, stochastic |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (layer, lr), by_k in results.items():
-        for k, rows in by_k.items():
-            n, s = rows["nearest"], rows["stochastic"]
-            print(f"| {layer} | {lr:g} | {k} | {fmt(n['survives'])} | {fmt(s['survives'])} | {fmt(n['changed'])} | "
-                  f"{fmt(s['changed'])} | {fmt(n['noise'], False)} | {fmt(s['noise'], False)} |")
+                by_k = measure(cut_below(load(model_dir), layer), lr, ks, batches, hidden, a.draws)
+                for k, rows in by_k.items():  # printed as they come: a long run shows its rows early
+                    n, s = rows["nearest"], rows["stochastic"]
+                    print(f"| {layer} | {lr:g} | {k} | {fmt(n['survives'])} | {fmt(s['survives'])} | "
+                          f"{fmt(n['changed'])} | {fmt(s['changed'])} | {fmt(n['noise'], False)} | "
+                          f"{fmt(s['noise'], False)} |", flush=True)
+    print(f"\n{time.perf_counter() - t0:.0f} s in all.")
     return 0
 
 
