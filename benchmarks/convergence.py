@@ -14,7 +14,9 @@ all through the recipe code path (badam_hf.tools.harness.train_method):
 - adamw: every parameter, fp32 weights with bf16 autocast (as HF Trainer users run mixed precision),
 - lora: peft LoRA rank 8 on q_proj, v_proj (the paper's setting), bf16 base,
 - lora_all: LoRA rank 8 on every linear layer of the blocks,
-- reference: the authors' `badam` 1.4 BlockOptimizer (same blocks, K and order) under the same Trainer.
+- reference: the authors' `badam` 1.4 BlockOptimizer (same blocks, K and order) under the same Trainer,
+- badam_sr: badam with switch_rounding=stochastic (a block's masters rounded stochastically when dropped),
+- badam_bread_sr: badam_bread with switch_rounding and inactive_rounding stochastic (see docs/rounding.md).
 
 Writes `convergence.png` (held-out loss against steps, BAdam's switches marked, and against training seconds),
 `results.json` and `results.md` (final held-out loss, peak memory, seconds per step) to `--out`.
@@ -35,7 +37,13 @@ DEFAULT_OUT = REPO / "benchmarks" / "results" / "convergence"
 NAMES = {"badam": "BAdam (badam_hf)", "badam_ratio": "BAdam ratio 0.05 (badam_hf)", "lisa": "LISA, 2 layers (badam_hf)",
          "badam_bread": "BAdam + BREAD sgd, above (badam_hf)", "badam_bread_sign": "BAdam + BREAD signSGD, above (badam_hf)",
          "adamw": "AdamW", "lora": "LoRA r=8 (q, v)", "lora_all": "LoRA r=8 (all linear)",
-         "reference": "BAdam (authors' badam 1.4)"}
+         "reference": "BAdam (authors' badam 1.4)", "badam_sr": "BAdam, stochastic rounding (badam_hf)",
+         "badam_bread_sr": "BAdam + BREAD sgd, stochastic rounding (badam_hf)"}
+# Variants of a harness method that only add BAdamConfig keys: method -> (harness method, extra `badam` keys).
+ROUNDING_VARIANTS = {
+    "badam_sr": ("badam", {"switch_rounding": "stochastic"}),
+    "badam_bread_sr": ("badam_bread", {"switch_rounding": "stochastic", "inactive_rounding": "stochastic"}),
+}
 
 
 @dataclasses.dataclass
@@ -51,7 +59,8 @@ class ConvergenceSettings:
     lr: dict = dataclasses.field(default_factory=lambda: {"badam": 5e-5, "badam_ratio": 5e-5, "lisa": 5e-5,
                                                           "badam_bread": 5e-5, "badam_bread_sign": 5e-5,
                                                           "adamw": 1e-5, "lora": 2e-4, "lora_all": 2e-4,
-                                                          "reference": 5e-5})
+                                                          "reference": 5e-5, "badam_sr": 5e-5,
+                                                          "badam_bread_sr": 5e-5})
     batch_size: int = 4
     cutoff_len: int = 256
     val_fraction: float = 0.1
@@ -66,9 +75,10 @@ class ConvergenceSettings:
         from badam_hf.tools.harness import FINETUNE_METHODS, check_positive
 
         self.methods = tuple(self.methods)
-        bad = [m for m in self.methods if m not in FINETUNE_METHODS]
+        known = (*FINETUNE_METHODS, *ROUNDING_VARIANTS)
+        bad = [m for m in self.methods if m not in known]
         if bad or not self.methods:
-            raise BAdamConfigError(f"--methods {','.join(self.methods)}: choose from {', '.join(FINETUNE_METHODS)}.")
+            raise BAdamConfigError(f"--methods {','.join(self.methods)}: choose from {', '.join(known)}.")
         check_positive(self, ("steps", "switch_every", "batch_size", "cutoff_len", "eval_every", "threads"))
 
 
@@ -102,11 +112,14 @@ def run(s: ConvergenceSettings) -> dict:
     results = {}
     for method in s.methods:
         print(f"[convergence] {NAMES[method]}: {s.steps} steps, lr {s.lr[method]}", flush=True)
-        recipe = finetune_recipe(method, model_dir=model_dir, train_file=str((out / "train.json").resolve()),
+        base, extra = ROUNDING_VARIANTS.get(method, (method, {}))
+        recipe = finetune_recipe(base, model_dir=model_dir, train_file=str((out / "train.json").resolve()),
                                  out_dir=s.out_dir, steps=s.steps, batch_size=s.batch_size, lr=s.lr[method],
                                  cutoff_len=s.cutoff_len, switch_every=s.switch_every, switch_mode=s.switch_mode,
                                  seed=s.seed)
-        r = run_isolated(train_method, method, job | {"recipe": recipe}, isolate=s.isolate)
+        recipe["badam"].update(extra)
+        recipe["training"]["output_dir"] = str(Path(s.out_dir) / f".run_{method}")
+        r = run_isolated(train_method, base, job | {"recipe": recipe}, isolate=s.isolate)
         r["held_out_loss_before"] = before["held_out_loss_before"]
         results[method] = r
         print(f"[convergence] {NAMES[method]}: held-out loss {r['held_out_loss_before']:.4f} -> "
@@ -159,7 +172,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--out", default=str(DEFAULT_OUT))
-    p.add_argument("--methods", default=None, help="comma-separated from " + ",".join(ConvergenceSettings.methods))
+    p.add_argument("--methods", default=None, help="comma-separated from " + ",".join(ConvergenceSettings.methods)
+                   + " and " + ",".join(ROUNDING_VARIANTS))
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--switch-every", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)

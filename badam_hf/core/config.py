@@ -34,6 +34,7 @@ Mode = Literal["layer", "ratio", "lisa"]
 MaskMode = Literal["adjacent", "scatter"]
 InactiveUpdate = Literal["none", "sgd", "signsgd"]
 InactiveScope = Literal["above", "all"]
+Rounding = Literal["nearest", "stochastic"]
 GRANULARITIES = typing.get_args(Granularity)
 VLM_FIELDS = ("include_vision", "include_projector")  # PartitionConfig's vision-language switches
 SWITCH_MODES = typing.get_args(SwitchMode)
@@ -41,6 +42,7 @@ MODES = typing.get_args(Mode)
 MASK_MODES = typing.get_args(MaskMode)
 INACTIVE_UPDATES = typing.get_args(InactiveUpdate)
 INACTIVE_SCOPES = typing.get_args(InactiveScope)
+ROUNDINGS = typing.get_args(Rounding)
 # switch_every when it is not given: the paper's K for blocks and ratio masks, LISA's sampling interval.
 DEFAULT_SWITCH_EVERY = {"layer": 100, "ratio": 100, "lisa": 20}
 # Short names for the inner optimizer; anything else must be a dotted path to a torch.optim.Optimizer class.
@@ -386,6 +388,11 @@ class InactiveUpdateConfig:
         "`above` (only the layers above the lowest active one and the output side, whose backward runs anyway, so"
         " BAdam's backward truncation is kept) or `all` (every other parameter: a full backward)."
     )})
+    inactive_rounding: Rounding = field(default="nearest", metadata={"help": (
+        "how BREAD's in-backward step lands in a bf16 weight: `nearest` (the step in bf16 arithmetic, as BREAD does;"
+        " an update below half an ulp is lost) or `stochastic` (the step in fp32, rounded up or down at random with"
+        " the probabilities that keep its expected value)."
+    )})
 
     def __post_init__(self):
         check_types(self)
@@ -441,6 +448,12 @@ class BAdamConfig:
         "instead of 4 per active element; rebuilt bit for bit before the next step). The weight is then the "
         "master rounded to nearest with ties toward zero (torch breaks ties to even: they differ about once in "
         "65536 roundings, both half an ulp away). `false` keeps the fp32 masters whole."
+    )})
+    switch_rounding: Rounding = field(default="nearest", metadata={"help": (
+        "how a block's fp32 masters are rounded into the bf16 weights the last time, when they are dropped (block "
+        "switch, LISA layers leaving the sample, a ratio period ending, the last step of training): `nearest`, or "
+        "`stochastic` (up or down at random with the probabilities that keep the expected value, so updates below "
+        "half a bf16 ulp survive on average). Between the steps of a visit the masters stay exact either way."
     )})
     chunked_loss: bool = field(default=True, metadata={"help": (
         "compute a causal LM's training loss in chunks of `loss_chunk_tokens` labelled tokens, so the batch's "
@@ -511,7 +524,7 @@ class BAdamConfig:
             )
         if self.inactive != InactiveUpdateConfig() and not self.inactive.enabled:
             raise BAdamConfigError(
-                "inactive_lr_scale/inactive_scope configure inactive_update, which is 'none'; set "
+                "inactive_lr_scale/inactive_scope/inactive_rounding configure inactive_update, which is 'none'; set "
                 "inactive_update=sgd or signsgd, or leave them unset."
             )
         if self.inactive.enabled and mode == "ratio":

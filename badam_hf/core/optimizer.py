@@ -42,6 +42,7 @@ from .masters import (
     write_selected,
 )
 from .partition import Partition, partition_model
+from .rounding import INACTIVE_STREAM, SWITCH_STREAM, global_start, rounding_key, stochastic_add_, store_stochastic
 from .schedule import BlockSchedule
 from .selection import GatheredMasters, local_range, localize, select_entries, selection_template
 
@@ -209,6 +210,10 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.skipped_steps = 0  # steps skipped for inf/NaN gradients (all of them; see skip_nonfinite)
         self._skips_in_a_row = 0
         self.loaded_step: int | None = None  # the step of the last state loaded (resume checks compare it)
+        # The step count at which training ends (the Trainer's max_steps; see `finish`): that step drops every
+        # master, so switch_rounding applies to all of them there. None: unknown.
+        self.total_steps: int | None = None
+        self._finished_at: int | None = None  # the step whose write-back was the final one
         self.active_blocks: tuple[int, ...] = self.schedule.active_at(0)
         self.active_block: int = self.active_blocks[0]
 
@@ -501,7 +506,13 @@ class BlockOptimizer(torch.optim.Optimizer):
         lr = self.param_groups[0 if name in self._decay else 1]["lr"] * cfg.inactive_lr_scale
         g = p.grad
         p.grad = None
-        p.add_(g.sign_() if cfg.inactive_update == "signsgd" else g, alpha=-lr)
+        g = g.sign_() if cfg.inactive_update == "signsgd" else g
+        if cfg.inactive_rounding == "stochastic" and p.dtype == torch.bfloat16:
+            # The step in fp32, rounded at random: an update below half a bf16 ulp survives in expectation.
+            key = rounding_key(self.config.schedule.seed, self.global_step + 1, self._index[name], INACTIVE_STREAM)
+            stochastic_add_(local_shard(p), local_shard(g), -lr, key, start=global_start(p))
+        else:
+            p.add_(g, alpha=-lr)
 
     def _apply_waiting_inactive(self) -> None:
         for name in self._inactive:
@@ -561,19 +572,51 @@ class BlockOptimizer(torch.optim.Optimizer):
             for m in buf.masters:
                 m.grad = None
         self._grad_buffers = None  # freed before the split's temporaries are made
-        self._store_masters(block_ends=self.schedule.switches_at(self.global_step + 1))
+        done = self.global_step + 1
+        final = self.total_steps is not None and done == self.total_steps
+        self._store_masters(block_ends=self.schedule.switches_at(done), final=final, step=done)
+        if final:
+            self._finished_at = done
 
-    def _store_masters(self, block_ends: bool = False) -> None:
+    def _store_masters(self, block_ends: bool = False, final: bool = False, step: int | None = None) -> None:
         """Write the masters (rounded) into the weights. With `split_masters`, a bf16 buffer keeps only the
         masters' low 16 bits until the next step, except at the block's last step (`block_ends`): the
-        block's masters are dropped right after it, so they are written with torch's rounding instead."""
+        block's masters are dropped right after it, so they are written with `switch_rounding` instead
+        (nearest: torch's rounding). At the last step of training (`final`) every master is written that way
+        under stochastic rounding (nearest keeps today's behaviour bit for bit). `step`: the steps done once
+        this write lands (the key of the stochastic rounding)."""
         always = set(self.partition.always_active)
+        stochastic = self.config.switch_rounding == "stochastic"
         for buf in self._master_buffers:
-            lives_on = not block_ends or buf.names[0] in always
+            lives_on = not (final and stochastic) and (not block_ends or buf.names[0] in always)
             if self.config.split_masters and buf.can_split and lives_on:
                 buf.split()
+            elif stochastic and not lives_on:
+                self._store_stochastic(buf, step)
             else:
                 buf.store()
+
+    def _store_stochastic(self, buf, step: int) -> None:
+        """Write `buf`'s masters into their weights for the last time, rounded stochastically; the noise is a
+        pure function of (seed, step, parameter index, position in the whole tensor)."""
+        seed = self.config.schedule.seed
+        for name, master in zip(buf.names, buf.masters):
+            key = rounding_key(seed, step, self._index[name], SWITCH_STREAM)
+            store_stochastic(self._params[name], master, self._selection.get(name), key)
+            master.grad = None
+
+    def finish(self) -> None:
+        """End of training: with `switch_rounding=stochastic`, write the masters still alive (the current
+        block's, the always-active ones') into the weights as a block's last step does. Nothing to do with
+        nearest, or when the last step was `total_steps` (it did this already). Training may go on after it:
+        the masters stay whole and exact. The Trainer callback calls it at the end of `train()`."""
+        if (self.config.switch_rounding != "stochastic" or self._driver is not None
+                or self._finished_at == self.global_step or not self._master_buffers):
+            return
+        for buf in self._master_buffers:
+            buf.join()
+        self._store_masters(final=True, step=self.global_step)
+        self._finished_at = self.global_step
 
     def _master_value(self, name: str) -> torch.Tensor:
         """The fp32 master of `name` as a tensor with memory (a rebuilt copy while its buffer is split)."""

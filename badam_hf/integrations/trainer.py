@@ -66,6 +66,8 @@ class BAdamCallback(TrainerCallback):
         if opt is not None and opt.global_step != state.global_step:
             # Resumed without the optimizer's own state: the block still follows from the step count.
             opt.seek(state.global_step)
+        if opt is not None:
+            opt.total_steps = state.max_steps  # its last step drops every master (switch_rounding applies)
         # Multi-process DDP: the Trainer has wrapped the model by now; keep its reducer on the active block.
         if opt is not None and trainer is not None:
             attach_wrapped_model(getattr(trainer, "model_wrapped", None), opt)
@@ -91,6 +93,11 @@ class BAdamCallback(TrainerCallback):
         if opt is not None and trainer is not None and opt.global_step == state.global_step \
                 and getattr(trainer.accelerator, "optimizer_step_was_skipped", False):
             opt.advance()
+
+    def on_train_end(self, args, state, control, optimizer=None, **kwargs):
+        opt = unwrap_optimizer(optimizer)
+        if opt is not None:
+            opt.finish()  # training stopped before max_steps: round the live masters as at a block's end
 
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         opt = unwrap_optimizer(optimizer)
