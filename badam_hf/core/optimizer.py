@@ -277,21 +277,14 @@ class BlockOptimizer(torch.optim.Optimizer):
         always = set(self.partition.always_active)
         new = [n for b in blocks for n in self.partition.blocks[b].param_names] + list(self.partition.always_active)
         new_set = set(new)
+        # Always-active parameters keep their master and moments across switches. Everything else starts
+        # afresh, also a block drawn again (mode lisa) or one whose mask moved (mode ratio): its old moments
+        # belong to other coordinates or to a stale point.
+        self._drop_state_of([n for n in self._trainable if fresh or n not in always or n not in new_set])
         for name in self._trainable:
-            if name in always and name in new_set and not fresh:
-                continue  # always-active parameters keep their master and moments across switches
-            # Everything else starts afresh, also a block drawn again (mode lisa) or one whose mask moved
-            # (mode ratio): its old moments belong to other coordinates or to a stale point.
-            self.inner.state.pop(self._inner_tensor(name), None)
-            self._masters.pop(name, None)
-            self._drop_grad_hook(name)
-            p = self._params[name]
             if name not in new_set:
-                p.requires_grad_(False)
-                p.grad = None
-        self._fp32_grads = None
-        self._buffered_grads.clear()
-        self._master_buffers = [b for b in self._master_buffers if all(n in self._masters for n in b.names)]
+                self._params[name].requires_grad_(False)
+                self._params[name].grad = None
         self._trainable = new
         self._selections = self._ratio_selections(new) if self.mode == "ratio" else {}
         for name in new:
@@ -307,6 +300,17 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.truncation.update(new + self._inactive_names)
         for hook in list(self._switch_hooks.values()):
             hook(self)
+
+    def _drop_state_of(self, names: list[str]) -> None:
+        """The one teardown of a block's state, which every path uses (a switch, an engine's rebuild, new
+        parameters): the moments, fp32 masters and fp32-gradient hooks of `names`, and the block's fp32
+        gradient buffer."""
+        for name in names:
+            self.inner.state.pop(self._inner_tensor(name), None)
+            self._masters.pop(name, None)
+            self._drop_grad_hook(name)
+        self._master_buffers = [b for b in self._master_buffers if all(n in self._masters for n in b.names)]
+        self._drop_fp32_grads()
 
     def seek(self, step: int) -> None:
         """Jump the schedule to `step` optimizer steps done, with fresh state for the block active there."""
@@ -388,7 +392,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         for buf in self._master_buffers:
             for m in buf.masters:
                 m.grad = None
-        self._fp32_grads = None  # freed before the split's temporaries are made
+        self._drop_fp32_grads()  # freed before the split's temporaries are made
         self._store_masters(block_ends=self.schedule.switches_at(self.global_step + 1))
 
     def _store_masters(self, block_ends: bool = False) -> None:
@@ -430,6 +434,10 @@ class BlockOptimizer(torch.optim.Optimizer):
             templates = [selection_template(self._params[n], self._selections.get(n)) for n in names]
             self._fp32_grads = dict(zip(names, flat_like(templates)))
         return self._fp32_grads[name]
+
+    def _drop_fp32_grads(self) -> None:
+        self._fp32_grads = None
+        self._buffered_grads.clear()
 
     @torch.no_grad()
     def _accumulate_fp32_grad(self, name: str, p: torch.Tensor) -> None:
@@ -487,8 +495,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 else:
                     master.grad.zero_()
         if set_to_none:
-            self._fp32_grads = None
-            self._buffered_grads.clear()
+            self._drop_fp32_grads()
         elif self._fp32_grads is not None:
             for view in self._fp32_grads.values():
                 view.zero_()
@@ -521,8 +528,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 buf.split()
         for name in self._trainable + self._inactive_names:
             self._params[name].grad = None
-        self._fp32_grads = None
-        self._buffered_grads.clear()
+        self._drop_fp32_grads()
         self.note_step(skipped=True)
         self.advance()
 
@@ -637,13 +643,7 @@ class BlockOptimizer(torch.optim.Optimizer):
                 f"the model's parameters changed names after the BlockOptimizer was built (e.g. {missing} are gone); "
                 "build the optimizer after wrapping the model."
             )
-        for name in self._trainable:
-            self.inner.state.pop(self._inner_tensor(name), None)
-            self._drop_grad_hook(name)
-        self._masters.clear()
-        self._master_buffers.clear()
-        self._fp32_grads = None
-        self._buffered_grads.clear()
+        self._drop_state_of(self._trainable)
         self._params = {n: current[n] for n in self._names}
         for p in self._params.values():
             p.requires_grad_(False)
@@ -720,13 +720,8 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def clear_block_state(self) -> None:
         """Drop the inner optimizer's state and the fp32 masters (an engine rebuilding its own layout)."""
-        self.inner.state.clear()
-        self._masters.clear()
-        self._master_buffers.clear()
-        for name in list(self._grad_hooks):
-            self._drop_grad_hook(name)
-        self._fp32_grads = None
-        self._buffered_grads.clear()
+        self._drop_state_of(self._trainable)
+        self.inner.state.clear()  # a driving engine keys the inner state by tensors of its own
         self._set_inactive([])
 
     def sync_hyperparameters(self) -> None:
