@@ -28,9 +28,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import checkpoint
 from .backward_truncation import BackwardTruncation
+from .checkpoint import STATE_VERSION  # noqa: F401  (its home is checkpoint.py)
 from .config import BAdamConfig
-from .errors import BAdamConfigError, CheckpointMismatchError, NonFiniteGradientError
+from .errors import BAdamConfigError, NonFiniteGradientError
 from .masters import (
     MasterBuffer,
     flat_like,
@@ -45,7 +47,6 @@ from .partition import Partition, partition_model
 from .schedule import BlockSchedule
 from .selection import GatheredMasters, local_range, localize, select_entries, selection_template
 
-STATE_VERSION = 1
 logger = logging.getLogger("badam_hf")
 
 
@@ -337,8 +338,8 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def _fill_param_groups(self) -> None:
         # Keep the two group dicts (and their list objects): LR schedulers hold on to them.
-        for gi, decays in ((0, True), (1, False)):
-            names = [n for n in self._trainable if (n in self._decay_names) == decays]
+        for gi in range(2):
+            names = self._group_names(gi)
             self.param_groups[gi]["params"][:] = [self._params[n] for n in names]
             self.inner.param_groups[gi]["params"][:] = [self._inner_tensor(n) for n in names]
 
@@ -819,167 +820,38 @@ class BlockOptimizer(torch.optim.Optimizer):
     # torch's state-dict hooks run as in torch.optim.Optimizer (engines add their state through them).
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain containers and tensors only, so `torch.load(weights_only=True)` reads it."""
+        """Plain containers and tensors only, so `torch.load(weights_only=True)` reads it (the format:
+        `badam_hf.core.checkpoint`)."""
         self._rebind_if_not_stepped()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        out = self._state_dict()
+        out = checkpoint.state_dict(self)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, out)
             if result is not None:
                 out = result
         return out
 
-    def _state_dict(self) -> dict[str, Any]:
-        epoch, _, in_block = self.schedule.position(self.global_step)
-        state: dict[int, dict[str, Any]] = {}
-        for name in self._trainable:
-            entry = dict(self.inner.state.get(self._inner_tensor(name), {}))
-            if name in self._masters:
-                entry["master"] = self._master_value(name)
-            if entry:
-                state[self._index[name]] = entry
-        groups = [
-            {k: v for k, v in g.items() if k != "params"} | {"params": [self._index[n] for n in self._group_names(i)]}
-            for i, g in enumerate(self.param_groups)
-        ]
-        badam = {
-            "version": STATE_VERSION,
-            "step": self.global_step,
-            "block": self.active_block,
-            "block_name": self.active_block_name,
-            "steps_in_block": in_block,
-            "block_epoch": epoch,
-            "order": list(self.schedule.epoch_order(epoch)),
-            "seed": self.config.schedule.seed,
-            "switch_every": self.schedule.switch_every,
-            "switch_mode": self.schedule.mode,
-            "block_names": self.partition.names,
-            "inner_optimizer": type(self.inner).__name__,
-            "shards": self._shards(),
-            "mode": self.mode,
-            "active_blocks": list(self.active_blocks),
-            "mode_settings": self._mode_settings(),
-            "skipped_steps": self.skipped_steps,
-        }
-        return {"state": state, "param_groups": groups, "badam": badam}
-
-    def _mode_settings(self) -> dict[str, Any]:
-        """What the saved masters' and moments' shapes depend on besides the partition (a resume must match)."""
-        out: dict[str, Any] = {}
-        if self.mode == "ratio":
-            out.update(update_ratio=self.config.ratio.update_ratio, mask_mode=self.config.ratio.mask_mode)
-        if self.mode == "lisa":
-            out["lisa_layers"] = self.config.lisa.lisa_layers
-        return out
-
-    def _shards(self) -> int:
-        """How many ranks the saved state is split over: the world size for sharded parameters, else 1."""
-        if any(is_sharded(p) for p in self._params.values()) and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size()
-        return 1
-
-    def _group_names(self, gi: int) -> list[str]:
-        return [n for n in self._trainable if (n in self._decay_names) == (gi == 0)]
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume from `state_dict`, after checking that it belongs to this run (see `check_state_dict`)."""
         self._rebind_if_not_stepped()
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self._load_state_dict(state_dict)
+        checkpoint.load_state_dict(self, state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> int:
-        """Refuse a checkpoint that does not belong to this run (raises CheckpointMismatchError); returns the
-        step it resumes at. Changes nothing."""
-        badam = state_dict.get("badam")
-        if badam is None:
-            raise CheckpointMismatchError(
-                "this optimizer state was not saved by badam_hf's BlockOptimizer (no 'badam' entry); "
-                "start without resuming the optimizer or use a BAdam checkpoint."
-            )
-        if badam["block_names"] != self.partition.names:
-            raise CheckpointMismatchError(
-                f"the checkpoint's blocks ({len(badam['block_names'])}, first {badam['block_names'][:2]}) differ "
-                f"from this model's ({self.num_blocks}, first {self.partition.names[:2]}); resume with the same "
-                "model and partition settings."
-            )
-        for key, mine in (
-            ("mode", self.mode),
-            ("mode_settings", self._mode_settings()),
-            ("switch_every", self.schedule.switch_every),
-            ("switch_mode", self.schedule.mode),
-            ("seed", self.config.schedule.seed),
-            ("inner_optimizer", type(self.inner).__name__),  # its moments mean nothing to another optimizer
-        ):
-            saved = badam.get(key, {"mode": "layer", "mode_settings": {}}.get(key))  # older checkpoints: layer mode
-            if saved != mine:
-                raise CheckpointMismatchError(
-                    f"the checkpoint was saved with {key}={saved!r} but this run has {key}={mine!r}."
-                )
-        if badam.get("shards", 1) != self._shards():
-            raise CheckpointMismatchError(
-                f"the checkpoint's optimizer state is split over {badam.get('shards', 1)} rank(s) (FSDP2 shards) but "
-                f"this run has {self._shards()}; resume with the same number of processes and the same sharding."
-            )
-        step = int(badam["step"])
-        block = self.schedule.block_at(step)
-        if block != badam["block"]:
-            raise CheckpointMismatchError(
-                f"the checkpoint's active block {badam['block']} does not follow from its step {step} under this "
-                "run's schedule; resume with the same start_block and switch settings."
-            )
-        will_train = {n for b in self.schedule.active_at(step) for n in self.partition.blocks[b].param_names}
-        will_train |= set(self.partition.always_active)
-        stray = [i for i in state_dict["state"] if self._names[int(i)] not in will_train]
-        if stray:
-            raise CheckpointMismatchError(
-                f"the checkpoint has optimizer state for inactive parameter {self._names[int(stray[0])]!r}."
-            )
-        # Masters exist exactly for low-precision (or sharded) weights: another dtype would lose the moments.
-        odd = [i for i, e in state_dict["state"].items() if ("master" in e) != self._needs_master(self._names[int(i)])]
-        if odd:
-            name = self._names[int(odd[0])]
-            has = "holds" if "master" in state_dict["state"][odd[0]] else "lacks"
-            raise CheckpointMismatchError(
-                f"the checkpoint {has} an fp32 master for {name!r}, but this run's weight is "
-                f"{self._params[name].dtype} and needs {'none' if has == 'holds' else 'one'}; resume with the weights' "
-                "dtype of the saved run."
-            )
-        return step
+        """Refuse a checkpoint that does not belong to this run, or of another format version (raises
+        CheckpointMismatchError); returns the step it resumes at. Changes nothing."""
+        return checkpoint.check_state_dict(self, state_dict)
 
-    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Validate everything before changing anything, so a refused load leaves the optimizer as it was.
-        step = self.check_state_dict(state_dict)
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        self.seek(step)
-        self.loaded_step = step
-        self.skipped_steps = int(state_dict["badam"].get("skipped_steps", 0))
-
-        saved_state = state_dict["state"]
-        if any("master" in entry for entry in saved_state.values()):
-            self._materialize_masters()
-        with torch.no_grad():
-            for i, entry in saved_state.items():
-                name = self._names[int(i)]
-                if "master" in entry:
-                    self._masters[name].copy_(entry["master"])
-        self._store_masters()  # as after the step that wrote this checkpoint (mid-block: it had masters)
-        # Let torch.optim place and cast the moments: rebuild the inner state dict in its own format.
-        order = [self._inner_tensor(n) for g in range(2) for n in self._group_names(g)]
-        position = {id(t): k for k, t in enumerate(order)}
-        inner_sd = self.inner.state_dict()
-        inner_sd["state"] = {}
-        for i, entry in saved_state.items():
-            moments = {k: v for k, v in entry.items() if k != "master"}
-            if moments:
-                inner_sd["state"][position[id(self._inner_tensor(self._names[int(i)]))]] = moments
-        self.inner.load_state_dict(inner_sd)
+    def _group_names(self, gi: int) -> list[str]:
+        """Names in param group `gi` (0: weight decay, 1: none), in their order there."""
+        return [n for n in self._trainable if (n in self._decay_names) == (gi == 0)]
 
 
 class _DriverHandle:
