@@ -200,14 +200,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._index = {n: i for i, n in enumerate(self._names)}
         decay = hf_decay_parameter_names(model) if decay_parameter_names is None else set(decay_parameter_names)
         self._decay_names = decay
-        self._masters: dict[str, torch.Tensor] = {}
-        self._master_buffers: list[MasterBuffer] = []  # who owns the masters' memory (one per block / side)
-        self._grad_hooks: dict[str, RemovableHandle] = {}
-        self._fp32_grads: dict[str, torch.Tensor] | None = None  # name -> fp32 gradient view, one buffer
-        self._buffered_grads: set[str] = set()  # names whose fp32 gradient sits in the buffer, not yet on a master
-        self._selections: dict[str, Any] = {}  # mode ratio: name -> the entries trained this period
-        self._inactive_names: list[str] = []  # inactive_update: frozen-for-Adam names that take BREAD's step
-        self._inactive_hooks: dict[str, RemovableHandle] = {}
+        self._init_block_state()
         self._init_extension_points()
         self.global_step = 0
         self.skipped_steps = 0  # steps skipped for inf/NaN gradients (all of them; see skip_nonfinite)
@@ -220,7 +213,6 @@ class BlockOptimizer(torch.optim.Optimizer):
         for p in self._params.values():
             p.requires_grad_(False)
             p.grad = None
-        self._trainable: list[str] = []
 
         hyper = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
         self.inner = build_inner_optimizer(model, config.inner_optimizer_cls, hyper, inner_kwargs)
@@ -301,6 +293,18 @@ class BlockOptimizer(torch.optim.Optimizer):
         self.truncation.update(new + self._inactive_names)
         for hook in list(self._switch_hooks.values()):
             hook(self)
+
+    def _init_block_state(self) -> None:
+        """The active block's state, empty until `_activate` fills it."""
+        self._trainable: list[str] = []  # names the inner optimizer trains now (the blocks + always-active)
+        self._masters: dict[str, torch.Tensor] = {}
+        self._master_buffers: list[MasterBuffer] = []  # who owns the masters' memory (one per block / side)
+        self._grad_hooks: dict[str, RemovableHandle] = {}
+        self._fp32_grads: dict[str, torch.Tensor] | None = None  # name -> fp32 gradient view, one buffer
+        self._buffered_grads: set[str] = set()  # names whose fp32 gradient sits in the buffer, not yet on a master
+        self._selections: dict[str, Any] = {}  # mode ratio: name -> the entries trained this period
+        self._inactive_names: list[str] = []  # inactive_update: frozen-for-Adam names that take BREAD's step
+        self._inactive_hooks: dict[str, RemovableHandle] = {}
 
     def _drop_state_of(self, names: list[str]) -> None:
         """The one teardown of a block's state, which every path uses (a switch, an engine's rebuild, new
