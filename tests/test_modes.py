@@ -123,7 +123,7 @@ def test_ratio_update_equals_adamw_on_the_selected_entries(tiny_llama):
     sels = dict(opt.selections)
     rparams = dict(ref.named_parameters())
     leaves = {n: rparams[n].detach().view(-1)[s].clone().requires_grad_(True) for n, s in sels.items()}
-    decay = opt._decay
+    decay = opt._decay_names
     ref_opt = torch.optim.AdamW(
         [{"params": [leaves[n] for n in sels if n in decay], "weight_decay": 0.1},
          {"params": [leaves[n] for n in sels if n not in decay], "weight_decay": 0.0}], lr=1e-2, fused=True)
@@ -325,10 +325,10 @@ def test_lisa_frees_state_of_layers_that_leave_and_restarts_resampled_ones(tiny_
         opt.zero_grad()
         # After the switch: no state for anything but the always-active parameters (the new sample starts
         # fresh, also a layer drawn again); theirs has counted every step.
-        held = {n for n, p in params.items() if opt.inner.state.get(opt._target(n))}
+        held = {n for n, p in params.items() if opt.inner.state.get(opt._inner_tensor(n))}
         assert held == set(opt.partition.always_active), step
         assert set(opt.masters) <= set(opt.partition.always_active)
-        emb = opt.inner.state[opt._target("model.embed_tokens.weight")]
+        emb = opt.inner.state[opt._inner_tensor("model.embed_tokens.weight")]
         assert int(emb["step"]) == step + 1
     sampled = [opt.schedule.sample(p) for p in range(6)]
     assert any(set(a) & set(b) for a, b in zip(sampled, sampled[1:]))  # a layer drawn twice in a row restarted
@@ -404,7 +404,7 @@ def test_inactive_update_above_matches_the_rule_and_keeps_truncation(tiny_llama,
             assert torch.equal(p, before[n]), n
         elif layer_of(n) == 1:
             assert not torch.equal(p, before[n]), n
-    assert opt.inner.state and all(opt._target(n) not in opt.inner.state for n in inactive)  # no state
+    assert opt.inner.state and all(opt._inner_tensor(n) not in opt.inner.state for n in inactive)  # no state
 
 
 def test_inactive_scope_all_updates_everything_with_a_full_backward(tiny_llama):

@@ -28,9 +28,11 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import checkpoint
 from .backward_truncation import BackwardTruncation
+from .checkpoint import STATE_VERSION  # noqa: F401  (its home is checkpoint.py)
 from .config import BAdamConfig
-from .errors import BAdamConfigError, CheckpointMismatchError, NonFiniteGradientError
+from .errors import BAdamConfigError, NonFiniteGradientError
 from .masters import (
     MasterBuffer,
     flat_like,
@@ -46,7 +48,6 @@ from .rounding import INACTIVE_STREAM, SWITCH_STREAM, global_start, rounding_key
 from .schedule import BlockSchedule
 from .selection import GatheredMasters, local_range, localize, select_entries, selection_template
 
-STATE_VERSION = 1
 logger = logging.getLogger("badam_hf")
 
 
@@ -117,8 +118,38 @@ def schedule_for(partition: Partition, config: BAdamConfig) -> BlockSchedule:
     )
 
 
+def build_inner_optimizer(model: nn.Module, inner_cls: type, hyper: dict[str, Any],
+                          inner_kwargs: dict[str, Any] | None) -> torch.optim.Optimizer:
+    """The inner optimizer, built once over two (decay, no decay) groups whose `params` lists change in place
+    at each switch. `hyper` (lr, weight_decay, betas, eps) is passed where `inner_cls` takes it."""
+    accepted = inspect.signature(inner_cls.__init__).parameters
+    inner_defaults = {k: v for k, v in hyper.items() if k in accepted}
+    inner_defaults.update(inner_kwargs or {})
+    if "fused" in accepted and not {"fused", "foreach"} & set(inner_defaults) and _fused_supported(model, inner_cls):
+        # Measured on CPU (torch 2.13, one layer's tensors): fused 4x faster than the per-tensor loop and
+        # than foreach, and no whole-block temporaries (foreach's sqrt makes one).
+        inner_defaults["fused"] = True
+    # Explicit per-group weight decay: a base optimizer's default (AdamW: 0.01) must never override it.
+    inner_groups = [{"params": []}, {"params": []}]
+    if "weight_decay" in accepted:
+        inner_groups[0]["weight_decay"], inner_groups[1]["weight_decay"] = hyper["weight_decay"], 0.0
+    return inner_cls(inner_groups, **inner_defaults)
+
+
 class BlockOptimizer(torch.optim.Optimizer):
     """Block-coordinate optimizer over `model`'s parameters.
+
+    The loop (K = `switch_every`; `step()` runs one iteration, `advance()` its last two lines):
+
+        blocks = schedule.active_at(0); activate(blocks)   # only their parameters require grad
+        for t = 1, 2, ...:
+            loss.backward()                                # gradients of the active parameters, into fp32
+            masters = fp32 copies of the active weights    # made at a block's first step, kept for its K steps
+            inner.step(masters, grads)                     # AdamW by default: moments exist for the block only
+            weights = round(masters)
+            if t % K == 0:                                 # the block has had its K steps:
+                drop the block's masters, moments and grads
+                blocks = schedule.active_at(t); activate(blocks)
 
     Args:
         model: the model to train (the unwrapped model; under DDP see `badam_hf.distributed.attach_ddp`).
@@ -150,18 +181,6 @@ class BlockOptimizer(torch.optim.Optimizer):
     _construction_checks: OrderedDict[int, Callable[[nn.Module], None]] = OrderedDict()
     _init_hooks: OrderedDict[int, Callable[["BlockOptimizer"], None]] = OrderedDict()
 
-    @staticmethod
-    def register_construction_check(fn: Callable[[nn.Module], None]) -> RemovableHandle:
-        handle = RemovableHandle(BlockOptimizer._construction_checks)
-        BlockOptimizer._construction_checks[handle.id] = fn
-        return handle
-
-    @staticmethod
-    def register_init_hook(fn: Callable[["BlockOptimizer"], None]) -> RemovableHandle:
-        handle = RemovableHandle(BlockOptimizer._init_hooks)
-        BlockOptimizer._init_hooks[handle.id] = fn
-        return handle
-
     def __init__(
         self,
         model: nn.Module,
@@ -192,20 +211,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         self._names: list[str] = list(self._params)
         self._index = {n: i for i, n in enumerate(self._names)}
         decay = hf_decay_parameter_names(model) if decay_parameter_names is None else set(decay_parameter_names)
-        self._decay = decay
-        self._masters: dict[str, torch.Tensor] = {}
-        self._master_buffers: list[MasterBuffer] = []  # who owns the masters' memory (one per block / side)
-        self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()
-        self._grad_keep_checks: OrderedDict[int, Callable[[], bool]] = OrderedDict()
-        self._grad_hooks: dict[str, RemovableHandle] = {}
-        self._grad_buffers: dict[str, torch.Tensor] | None = None  # name -> fp32 gradient view, one buffer
-        self._pending: set[str] = set()  # names whose fp32 gradient sits in the buffer, not yet on a master
-        self._selection: dict[str, Any] = {}  # mode ratio: name -> the entries trained this period
-        self._inactive: list[str] = []  # inactive_update: frozen-for-Adam names that take BREAD's step
-        self._inactive_hooks: dict[str, RemovableHandle] = {}
-        self._boundary_checks: OrderedDict[int, Callable[[], bool]] = OrderedDict()
-        self._driver = None
-        self._flag_reducers: OrderedDict[int, Callable[[torch.Tensor], None]] = OrderedDict()
+        self._decay_names = decay
+        self._init_block_state()
+        self._init_extension_points()
         self.global_step = 0
         self.skipped_steps = 0  # steps skipped for inf/NaN gradients (all of them; see skip_nonfinite)
         self._skips_in_a_row = 0
@@ -221,23 +229,9 @@ class BlockOptimizer(torch.optim.Optimizer):
         for p in self._params.values():
             p.requires_grad_(False)
             p.grad = None
-        self._trainable: list[str] = []
 
-        inner_cls = config.inner_optimizer_cls
-        accepted = inspect.signature(inner_cls.__init__).parameters
         hyper = {"lr": lr, "weight_decay": weight_decay, "betas": betas, "eps": eps}
-        inner_defaults = {k: v for k, v in hyper.items() if k in accepted}
-        inner_defaults.update(inner_kwargs or {})
-        if "fused" in accepted and not {"fused", "foreach"} & set(inner_defaults) and _fused_supported(model, inner_cls):
-            # Measured on CPU (torch 2.13, one layer's tensors): fused 4x faster than the per-tensor loop and
-            # than foreach, and no whole-block temporaries (foreach's sqrt makes one).
-            inner_defaults["fused"] = True
-        # Built once over two (decay, no decay) groups whose `params` lists change in place at each switch.
-        # Explicit per-group weight decay: a base optimizer's default (AdamW: 0.01) must never override it.
-        inner_groups = [{"params": []}, {"params": []}]
-        if "weight_decay" in accepted:
-            inner_groups[0]["weight_decay"], inner_groups[1]["weight_decay"] = weight_decay, 0.0
-        self.inner = inner_cls(inner_groups, **inner_defaults)
+        self.inner = build_inner_optimizer(model, config.inner_optimizer_cls, hyper, inner_kwargs)
 
         self.truncation = BackwardTruncation(model, self.partition, enabled=config.truncate_backward)
         outer_groups = [{k: v for k, v in g.items() if k != "params"} | {"params": []} for g in self.inner.param_groups]
@@ -246,96 +240,507 @@ class BlockOptimizer(torch.optim.Optimizer):
         # An engine may replace the parameters after the optimizer is built (accelerate shards the model with
         # FSDP2 after the Trainer built the optimizer): look once, at the first step. (A step pre-hook cannot
         # remove itself while torch iterates over the hooks, so it stays and returns at once afterwards.)
-        self._stepped = False
-        self.register_step_pre_hook(lambda opt, args, kwargs: self._bind_at_first_step())
+        self._has_stepped = False
+        self.register_step_pre_hook(lambda opt, args, kwargs: self._first_step_pre_hook())
         self._activate(self.active_blocks, fresh=True)
         for hook in list(BlockOptimizer._init_hooks.values()):
             hook(self)
 
-    # --- introspection ----------------------------------------------------------------------------
+    # --- the algorithm: step, advance, activate -------------------------------------------------------
 
-    @property
-    def num_blocks(self) -> int:
-        return len(self.partition)
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self._driver is not None:
+            return self._driver.step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._attach_master_grads()
+        names = [n for n in self._trainable if n in self._masters]
+        params = [self._params[n] for n in names]
+        masters = [self._masters[n] for n in names]
+        self.sync_hyperparameters()
+        # Gradients still on the parameters (bf16 accumulation, or what an engine reduced) join the fp32 ones.
+        if any(p.grad is not None for p in params):
+            grads_to_masters(params, masters, [self._fp32_grad_slot(n) for n in names],
+                             [self._selections.get(n) for n in names])
+        if self.config.skip_nonfinite and not self.grads_finite():
+            self._skip_step()
+            return loss
+        self._apply_waiting_inactive()
+        self.inner.step()
+        self.note_step(skipped=False)
+        self._write_back()
+        self.advance()
+        return loss
 
-    @property
-    def active_block_name(self) -> str:
-        """The active block's name (mode lisa: the sampled blocks' names joined by '+'; mode ratio: 'all')."""
-        return self.blocks_name(self.active_blocks)
+    def advance(self) -> None:
+        """Count one successful optimizer step; activate the next block when this one has had its K steps."""
+        self.global_step += 1
+        if self.schedule.switches_at(self.global_step):
+            self._activate(self.schedule.active_at(self.global_step))
 
-    def blocks_name(self, blocks) -> str:
-        if self.mode == "ratio":
-            return "all"
-        return "+".join(self.partition.blocks[b].name for b in blocks)
+    def _activate(self, blocks: tuple[int, ...], fresh: bool = False) -> None:
+        blocks = tuple(blocks)
+        always = set(self.partition.always_active)
+        new = [n for b in blocks for n in self.partition.blocks[b].param_names] + list(self.partition.always_active)
+        new_set = set(new)
+        # Always-active parameters keep their master and moments across switches. Everything else starts
+        # afresh, also a block drawn again (mode lisa) or one whose mask moved (mode ratio): its old moments
+        # belong to other coordinates or to a stale point.
+        self._drop_state_of([n for n in self._trainable if fresh or n not in always or n not in new_set])
+        for name in self._trainable:
+            if name not in new_set:
+                self._params[name].requires_grad_(False)
+                self._params[name].grad = None
+        self._trainable = new
+        self._selections = self._ratio_selections(new) if self.mode == "ratio" else {}
+        for name in new:
+            self._params[name].requires_grad_(True)
+            if name not in self._grad_hooks and self._accumulates_in_fp32(name):
+                self._grad_hooks[name] = self._params[name].register_post_accumulate_grad_hook(
+                    functools.partial(self._accumulate_fp32_grad, name)
+                )
+        self._fill_param_groups()
+        self.active_blocks = blocks
+        self.active_block = blocks[0]
+        self._set_inactive(self._inactive_scope(new) if self.config.inactive.enabled else [])
+        self.truncation.update(new + self._inactive_names)
+        for hook in list(self._switch_hooks.values()):
+            hook(self)
 
-    @property
-    def inactive_names(self) -> list[str]:
-        """Names that take `inactive_update`'s stateless step in the current block (empty without it)."""
-        return list(self._inactive)
+    def _init_block_state(self) -> None:
+        """The active block's state, empty until `_activate` fills it."""
+        self._trainable: list[str] = []  # names the inner optimizer trains now (the blocks + always-active)
+        self._masters: dict[str, torch.Tensor] = {}
+        self._master_buffers: list[MasterBuffer] = []  # who owns the masters' memory (one per block / side)
+        self._grad_hooks: dict[str, RemovableHandle] = {}
+        self._fp32_grads: dict[str, torch.Tensor] | None = None  # name -> fp32 gradient view, one buffer
+        self._buffered_grads: set[str] = set()  # names whose fp32 gradient sits in the buffer, not yet on a master
+        self._selections: dict[str, Any] = {}  # mode ratio: name -> the entries trained this period
+        self._inactive_names: list[str] = []  # inactive_update: frozen-for-Adam names that take BREAD's step
+        self._inactive_hooks: dict[str, RemovableHandle] = {}
 
-    @property
-    def selections(self) -> MappingProxyType:
-        """Mode ratio: name -> the entries of its flattened (local) tensor trained in this period (a slice or
-        an index tensor); always-active names are absent (they train whole)."""
-        return MappingProxyType(self._selection)
+    def _drop_state_of(self, names: list[str]) -> None:
+        """The one teardown of a block's state, which every path uses (a switch, an engine's rebuild, new
+        parameters): the moments, fp32 masters and fp32-gradient hooks of `names`, and the block's fp32
+        gradient buffer."""
+        for name in names:
+            self.inner.state.pop(self._inner_tensor(name), None)
+            self._masters.pop(name, None)
+            self._drop_grad_hook(name)
+        self._master_buffers = [b for b in self._master_buffers if all(n in self._masters for n in b.names)]
+        self._drop_fp32_grads()
 
-    @property
-    def trainable_names(self) -> list[str]:
-        return list(self._trainable)
+    def seek(self, step: int) -> None:
+        """Jump the schedule to `step` optimizer steps done, with fresh state for the block active there."""
+        self.global_step = int(step)
+        self._activate(self.schedule.active_at(self.global_step), fresh=True)
 
-    @property
-    def params_by_name(self) -> MappingProxyType:
-        """Name -> the model parameter this optimizer trains (read-only view)."""
-        return MappingProxyType(self._params)
-
-    @property
-    def masters(self) -> MappingProxyType:
-        """Name -> fp32 master of an active low-precision (or sharded) parameter (read-only view). Made at the
-        block's first step (before it, a master would only repeat the weights: it is their exact upcast).
-        Reading this between steps rebuilds masters held split (`split_masters`) until the next step."""
-        for buf in self._master_buffers:
-            buf.join()
-        return MappingProxyType(self._masters)
-
-    @property
-    def master_grads(self) -> dict[str, torch.Tensor]:
-        """Name -> the fp32 gradient accumulated so far for an active low-precision parameter."""
-        out = {n: self._grad_buffers[n] for n in self._pending} if self._grad_buffers is not None else {}
-        out.update({n: m.grad for n, m in self._masters.items() if m.grad is not None})
+    def _ratio_selections(self, names: list[str]) -> dict[str, Any]:
+        """Mode ratio: the entries each block parameter trains in the current period (always-active ones train
+        whole). A pure function of (seed, period, parameter index): ranks and resumed runs agree."""
+        cfg, always = self.config.ratio, set(self.partition.always_active)
+        period = self.schedule.period(self.global_step)
+        out = {}
+        for name in names:
+            if name in always:
+                continue
+            # Drawn over the whole tensor, then cut to this rank's shard (FSDP2): the masks do not depend on
+            # the number of ranks, and a sharded run trains the entries one process would.
+            p = self._params[name].detach()
+            start, count = local_range(p)
+            whole = select_entries(p.numel(), cfg.update_ratio, cfg.mask_mode, self.config.schedule.seed,
+                                   period, self._index[name], device=local_shard(p).device)
+            out[name] = localize(whole, start, count, p.numel())
         return out
 
-    @property
-    def switch_hooks(self) -> list[Callable]:
-        return list(self._switch_hooks.values())
+    def _fill_param_groups(self) -> None:
+        # Keep the two group dicts (and their list objects): LR schedulers hold on to them.
+        for gi in range(2):
+            names = self._group_names(gi)
+            self.param_groups[gi]["params"][:] = [self._params[n] for n in names]
+            self.inner.param_groups[gi]["params"][:] = [self._inner_tensor(n) for n in names]
 
-    @property
-    def driver(self):
-        """The engine driving the step (see `attach_driver`), or None."""
-        return self._driver
+    def _inner_tensor(self, name: str) -> torch.Tensor:
+        """What the inner optimizer updates for `name`: its fp32 master, or the parameter itself."""
+        return self._masters.get(name, self._params[name])
 
-    @property
-    def steps_in_block(self) -> int:
-        return self.schedule.position(self.global_step)[2]
+    # --- fp32 masters of the active low-precision parameters ------------------------------------------
 
-    def memory_bytes(self) -> dict[str, int]:
-        """Bytes held for the active block: fp32 masters, inner-optimizer state, and grads."""
-        masters = sum(buf.nbytes() for buf in self._master_buffers)
-        state = sum(
-            v.numel() * v.element_size()
-            for st in self.inner.state.values()
-            for v in st.values()
-            if torch.is_tensor(v)
+    def _needs_master(self, name: str) -> bool:
+        # Mode ratio: the selected entries always get a plain fp32 copy (the inner optimizer's tensors).
+        return self._driver is None and (name in self._selections or needs_master(self._params[name]))
+
+    def _materialize_masters(self) -> None:
+        """Make the fp32 masters that the active parameters lack, as views of one buffer (one allocation,
+        freed whole at the next switch). Deferred to the block's first step: until then a master would only
+        repeat the weights, so the forward and backward of a block's first step (every step at K=1) run
+        without one."""
+        missing = [n for n in self._trainable if n not in self._masters and self._needs_master(n)]
+        if missing:
+            # The always-active parameters' masters outlive the block's: a buffer of their own.
+            always = set(self.partition.always_active)
+            gathered = [n for n in missing if torch.is_tensor(self._selections.get(n))]
+            rest = [n for n in missing if n not in always and n not in set(gathered)]
+            for group in ([n for n in missing if n in always], rest):
+                if group:
+                    # A slice selection (mode ratio, adjacent) is a view of the weights: held like a weight.
+                    buf = MasterBuffer(group, [selected(self._params[n], self._selections.get(n)) for n in group])
+                    self._master_buffers.append(buf)
+                    self._masters.update(zip(group, buf.masters))
+            if gathered:
+                buf = GatheredMasters(gathered, [self._params[n] for n in gathered],
+                                      [self._selections[n] for n in gathered])
+                self._master_buffers.append(buf)
+                self._masters.update(zip(gathered, buf.masters))
+            self._fill_param_groups()
+        for buf in self._master_buffers:
+            buf.join()
+
+    def _attach_master_grads(self) -> None:
+        """Masters made, and the fp32 gradients accumulated so far hung on them (what the step and clipping use)."""
+        self._materialize_masters()
+        for name in self._buffered_grads:
+            master = self._masters[name]
+            if master.grad is None:
+                master.grad = self._fp32_grads[name]
+        self._buffered_grads.clear()
+
+    def _write_back(self) -> None:
+        """After the inner step: the master gradients dropped, then the weights from the masters."""
+        for buf in self._master_buffers:
+            for m in buf.masters:
+                m.grad = None
+        self._drop_fp32_grads()  # freed before the split's temporaries are made
+        done = self.global_step + 1
+        final = self.total_steps is not None and done == self.total_steps
+        self._store_masters(block_ends=self.schedule.switches_at(done), final=final, step=done)
+        if final:
+            self._finished_at = done
+
+    def _store_masters(self, block_ends: bool = False, final: bool = False, step: int | None = None) -> None:
+        """Write the masters (rounded) into the weights. With `split_masters`, a bf16 buffer keeps only the
+        masters' low 16 bits until the next step, except at the block's last step (`block_ends`): the
+        block's masters are dropped right after it, so they are written with `switch_rounding` instead
+        (nearest: torch's rounding). At the last step of training (`final`) every master is written that way
+        under stochastic rounding (nearest keeps today's behaviour bit for bit). `step`: the steps done once
+        this write lands (the key of the stochastic rounding)."""
+        always = set(self.partition.always_active)
+        stochastic = self.config.switch_rounding == "stochastic"
+        for buf in self._master_buffers:
+            lives_on = not (final and stochastic) and (not block_ends or buf.names[0] in always)
+            if self.config.split_masters and buf.can_split and lives_on:
+                buf.split()
+            elif stochastic and not lives_on:
+                self._store_stochastic(buf, step)
+            else:
+                buf.store()
+
+    def _store_stochastic(self, buf, step: int) -> None:
+        """Write `buf`'s masters into their weights for the last time, rounded stochastically; the noise is a
+        pure function of (seed, step, parameter index, position in the whole tensor)."""
+        seed = self.config.schedule.seed
+        for name, master in zip(buf.names, buf.masters):
+            key = rounding_key(seed, step, self._index[name], SWITCH_STREAM)
+            store_stochastic(self._params[name], master, self._selections.get(name), key)
+            master.grad = None
+
+    def finish(self) -> None:
+        """End of training: with `switch_rounding=stochastic`, write the masters still alive (the current
+        block's, the always-active ones') into the weights as a block's last step does. Nothing to do with
+        nearest, or when the last step was `total_steps` (it did this already). Training may go on after it:
+        the masters stay whole and exact. The Trainer callback calls it at the end of `train()`."""
+        if (self.config.switch_rounding != "stochastic" or self._driver is not None
+                or self._finished_at == self.global_step or not self._master_buffers):
+            return
+        for buf in self._master_buffers:
+            buf.join()
+        self._store_masters(final=True, step=self.global_step)
+        self._finished_at = self.global_step
+
+    def _master_value(self, name: str) -> torch.Tensor:
+        """The fp32 master of `name` as a tensor with memory (a rebuilt copy while its buffer is split)."""
+        for buf in self._master_buffers:
+            if name in buf.names:
+                return buf.value(buf.names.index(name))
+        return self._masters[name]
+
+    # --- gradients straight into fp32 -----------------------------------------------------------------
+
+    def _accumulates_in_fp32(self, name: str) -> bool:
+        # Sharded parameters (FSDP2) get their reduced gradient assigned by the engine, not accumulated by
+        # autograd; a driving engine (ZeRO-3) owns the gradients. Both keep their own path.
+        return self.config.fp32_grad_accumulation and self._needs_master(name) and not is_sharded(self._params[name])
+
+    def _drop_grad_hook(self, name: str) -> None:
+        handle = self._grad_hooks.pop(name, None)
+        if handle is not None:
+            handle.remove()
+
+    def _fp32_grad_slot(self, name: str) -> torch.Tensor:
+        """The fp32 gradient view of `name`'s master: all of them live in one buffer, made at the first
+        gradient after a step and freed at the next step."""
+        if self._fp32_grads is None:
+            names = [n for n in self._trainable if self._needs_master(n)]
+            templates = [selection_template(self._params[n], self._selections.get(n)) for n in names]
+            self._fp32_grads = dict(zip(names, flat_like(templates)))
+        return self._fp32_grads[name]
+
+    def _drop_fp32_grads(self) -> None:
+        self._fp32_grads = None
+        self._buffered_grads.clear()
+
+    @torch.no_grad()
+    def _accumulate_fp32_grad(self, name: str, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: add the gradient autograd just left on `p` to its fp32 gradient."""
+        if p.grad is None:
+            return
+        master = self._masters.get(name)
+        acc = master.grad if master is not None and master.grad is not None else (
+            self._fp32_grads[name] if name in self._buffered_grads else None)
+        keep = any(check() for check in list(self._grad_keep_checks.values()))
+        if keep and acc is None:
+            return  # nothing accumulated in fp32: the engine reduces the gradient as autograd made it
+        sel = self._selections.get(name)
+        g = selected(p.grad, sel)  # mode ratio: only the selected entries go up to fp32
+        if acc is None:
+            acc = self._fp32_grad_slot(name).copy_(g)
+            self._buffered_grads.add(name)
+        else:
+            acc.add_(g)
+        if keep:
+            # The engine reduces p.grad in this backward (DDP's sync pass): hand it the whole sum, rounded once.
+            write_selected(p.grad, sel, acc)
+            self._buffered_grads.discard(name)
+            if master is not None:
+                master.grad = None
+        else:
+            p.grad = None
+
+    def gradient_holders(self, parameters) -> list[torch.Tensor]:
+        """`parameters` (e.g. `model.parameters()`), with each one whose gradient now lives on its fp32 master
+        replaced by that master: what gradient clipping must see (HF's Trainer clips through this)."""
+        self._attach_master_grads()
+        names = {id(p): n for n, p in self._params.items()}
+        out = []
+        for p in parameters:
+            master = self._masters.get(names.get(id(p)))
+            out.append(master if p.grad is None and master is not None and master.grad is not None else p)
+        return out
+
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, parameters=None) -> torch.Tensor:
+        """`torch.nn.utils.clip_grad_norm_` over the trained gradients wherever they live (for plain loops;
+        clipping `model.parameters()` directly would miss the gradients already moved to fp32)."""
+        params = self.model.parameters() if parameters is None else parameters
+        return torch.nn.utils.clip_grad_norm_(self.gradient_holders(params), max_norm, norm_type)
+
+    @torch.no_grad()
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none=set_to_none)
+        for name in self._inactive_names:  # not in the param groups: dropped like the trained ones
+            self._params[name].grad = None
+        for master in self._masters.values():
+            if master.grad is not None:
+                if set_to_none:
+                    master.grad = None
+                else:
+                    master.grad.zero_()
+        if set_to_none:
+            self._drop_fp32_grads()
+        elif self._fp32_grads is not None:
+            for view in self._fp32_grads.values():
+                view.zero_()
+
+    # --- non-finite steps -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def grads_finite(self) -> bool:
+        """Whether every gradient the inner optimizer is about to use is finite, on every rank: one fused
+        reduction (each tensor's largest |g|: NaN and inf propagate, no overflow) and, under an engine, one
+        all-reduce of the verdict. Costs one host sync per step."""
+        grads = [t.grad for g in self.inner.param_groups for t in g["params"] if t.grad is not None]
+        if grads:
+            norms = torch._foreach_norm(grads, float("inf"))
+            bad = (~torch.stack([n.to(norms[0].device) for n in norms]).float().isfinite()).any().float()
+        else:
+            bad = torch.zeros((), device=local_shard(next(iter(self._params.values()))).device)
+        for reduce in list(self._flag_reducers.values()):
+            reduce(bad)
+        if bad.device.type == "meta":  # a dry run (badam-hf estimate --exact) has no values: it never skips
+            return True
+        return not bool(bad)
+
+    @torch.no_grad()
+    def _skip_step(self) -> None:
+        """Drop this step's gradients; weights, masters and moments stay as they were (masters held split go
+        back to being split: the weights are rewritten with the bits they already hold)."""
+        for buf in self._master_buffers:
+            for m in buf.masters:
+                m.grad = None
+            if self.config.split_masters and buf.can_split:
+                buf.split()
+        for name in self._trainable + self._inactive_names:
+            self._params[name].grad = None
+        self._drop_fp32_grads()
+        self.note_step(skipped=True)
+        self.advance()
+
+    def note_step(self, skipped: bool) -> None:
+        """Count a step taken or skipped for inf/NaN gradients; too many skips in a row stop training."""
+        if not skipped:
+            self._skips_in_a_row = 0
+            return
+        self.skipped_steps += 1
+        self._skips_in_a_row += 1
+        where = f"step {self.global_step + 1}, block {self.active_block_name!r}"
+        if self._skips_in_a_row >= self.config.max_skipped_steps:
+            raise NonFiniteGradientError(
+                f"{self._skips_in_a_row} optimizer steps in a row had inf/NaN gradients (the last at {where}); "
+                f"stopping (max_skipped_steps={self.config.max_skipped_steps}). The weights hold the values from before "
+                "the first skipped step. Try a lower learning rate or a longer warmup, gradient clipping "
+                "(max_grad_norm), bf16 instead of fp16, or look for broken examples in the data; then resume from "
+                "the last checkpoint."
+            )
+        logger.warning(
+            "BAdam skipped optimizer step (%s): inf/NaN gradient; weights, masters and moments unchanged. The step "
+            "still counts towards switch_every. %d skipped so far, %d in a row (training stops at %d).",
+            where, self.skipped_steps, self._skips_in_a_row, self.config.max_skipped_steps,
         )
-        # fp32 gradients live in one buffer (see _grad_buffer); what is still on the parameters comes on top.
-        grads = sum(local_shard(p.grad).numel() * p.grad.element_size() for p in self._params.values()
-                    if p.grad is not None)
-        if self._grad_buffers is not None:
-            grads += sum(v.numel() * v.element_size() for v in self._grad_buffers.values())
-        # Mode ratio, mask_mode scatter: the index tensors of the selected entries (4 bytes per entry).
-        selections = sum(s.numel() * s.element_size() for s in self._selection.values() if torch.is_tensor(s))
-        return {"masters": masters, "optimizer_state": state, "grads": grads, "selections": selections}
+
+    # --- BREAD: a stateless step for the parameters Adam does not train, inside the backward ----------
+
+    def _inactive_scope(self, active: list[str]) -> list[str]:
+        """`inactive_scope=all`: every other parameter. `above`: those whose backward runs anyway, i.e. at or
+        above the lowest active position (input side < layers 0..L-1 < output side), so the truncation holds."""
+        active_set = set(active)
+        rest = [n for n in self._names if n not in active_set]
+        if self.config.inactive.inactive_scope == "all":
+            return rest
+        part = self.partition
+        top = len(part.stacks[0].layers) if part.stacks else 0
+
+        def position(name: str) -> int:
+            if name in part.input_side:
+                return -1
+            return part.layer_of.get(name, top)
+
+        lowest = min((position(n) for n in active), default=top)
+        return [n for n in rest if position(n) >= lowest]
+
+    def _set_inactive(self, names: list[str]) -> None:
+        keep = set(names)
+        for name in list(self._inactive_hooks):
+            if name not in keep:
+                self._inactive_hooks.pop(name).remove()
+                p = self._params[name]
+                p.grad = None
+                if name not in self._trainable:
+                    p.requires_grad_(False)
+        self._inactive_names = list(names)
+        for name in names:
+            p = self._params[name]
+            p.requires_grad_(True)
+            if name not in self._inactive_hooks:
+                self._inactive_hooks[name] = p.register_post_accumulate_grad_hook(
+                    functools.partial(self._inactive_grad_hook, name))
+
+    def _at_boundary(self) -> bool:
+        checks = list(self._boundary_checks.values())
+        return all(check() for check in checks) if checks else True
+
+    def _inactive_grad_hook(self, name: str, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook of an inactive parameter: in the last micro-batch's backward, take the step
+        on the whole accumulated gradient and free it (earlier micro-batches leave it accumulating)."""
+        if p.grad is not None and self._at_boundary():
+            self._inactive_step(name, p)
+
+    @torch.no_grad()
+    def _inactive_step(self, name: str, p: torch.Tensor) -> None:
+        cfg = self.config.inactive
+        # The lr the step about to happen uses (LR schedulers move the outer groups after each step).
+        lr = self.param_groups[0 if name in self._decay_names else 1]["lr"] * cfg.inactive_lr_scale
+        g = p.grad
+        p.grad = None
+        g = g.sign_() if cfg.inactive_update == "signsgd" else g
+        if cfg.inactive_rounding == "stochastic" and p.dtype == torch.bfloat16:
+            # The step in fp32, rounded at random: an update below half a bf16 ulp survives in expectation.
+            key = rounding_key(self.config.schedule.seed, self.global_step + 1, self._index[name], INACTIVE_STREAM)
+            stochastic_add_(local_shard(p), local_shard(g), -lr, key, start=global_start(p))
+        else:
+            p.add_(g, alpha=-lr)
+
+    def _apply_waiting_inactive(self) -> None:
+        for name in self._inactive_names:
+            p = self._params[name]
+            if p.grad is not None:
+                self._inactive_step(name, p)
+
+    # --- parameters replaced by an engine (accelerate's FSDP2 prepare) --------------------------------
+
+    def _current_parameters(self) -> dict[str, nn.Parameter]:
+        # Wrappers applied in place may add these to the names (activation checkpointing, torch.compile).
+        return {
+            n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p
+            for n, p in self.model.named_parameters()
+        }
+
+    def rebind_parameters(self) -> bool:
+        """Pick up parameters that an engine replaced after this optimizer was built. The Trainer builds the
+        optimizer first and then lets accelerate shard the model in place with FSDP2, which turns every
+        parameter into a new DTensor. The active block then gets fresh masters from the new parameters.
+        Runs by itself at the first step (and in state_dict / load_state_dict before it); engines that
+        replace parameters call it when they attach. Returns whether anything changed."""
+        now = list(self.model.parameters())
+        if len(now) == len(self._params) and all(a is b for a, b in zip(now, self._params.values())):
+            return False
+        current = self._current_parameters()
+        if all(current.get(n) is p for n, p in self._params.items()) and len(current) == len(self._params):
+            return False
+        if current.keys() != self._params.keys():
+            missing = sorted(set(self._params) - set(current))[:2]
+            raise BAdamConfigError(
+                f"the model's parameters changed names after the BlockOptimizer was built (e.g. {missing} are gone); "
+                "build the optimizer after wrapping the model."
+            )
+        self._drop_state_of(self._trainable)
+        self._params = {n: current[n] for n in self._names}
+        for p in self._params.values():
+            p.requires_grad_(False)
+        self._inactive_hooks.clear()  # their hooks went with the old parameters
+        self._activate(self.active_blocks, fresh=True)
+        return True
+
+    def _first_step_pre_hook(self) -> None:
+        if not self._has_stepped:
+            self._rebind_if_not_stepped()
+            self._has_stepped = True
+
+    def _rebind_if_not_stepped(self) -> None:
+        if not self._has_stepped and self._driver is None:  # a driving engine owns the parameters' layout
+            self.rebind_parameters()
 
     # --- extension points -----------------------------------------------------------------------------
+
+    def _init_extension_points(self) -> None:
+        self._switch_hooks: OrderedDict[int, Callable] = OrderedDict()
+        self._grad_keep_checks: OrderedDict[int, Callable[[], bool]] = OrderedDict()
+        self._boundary_checks: OrderedDict[int, Callable[[], bool]] = OrderedDict()
+        self._flag_reducers: OrderedDict[int, Callable[[torch.Tensor], None]] = OrderedDict()
+        self._driver = None  # see attach_driver
+
+    @staticmethod
+    def register_construction_check(fn: Callable[[nn.Module], None]) -> RemovableHandle:
+        handle = RemovableHandle(BlockOptimizer._construction_checks)
+        BlockOptimizer._construction_checks[handle.id] = fn
+        return handle
+
+    @staticmethod
+    def register_init_hook(fn: Callable[["BlockOptimizer"], None]) -> RemovableHandle:
+        handle = RemovableHandle(BlockOptimizer._init_hooks)
+        BlockOptimizer._init_hooks[handle.id] = fn
+        return handle
 
     def register_switch_hook(self, hook: Callable[["BlockOptimizer"], None]) -> RemovableHandle:
         handle = RemovableHandle(self._switch_hooks)
@@ -376,13 +781,8 @@ class BlockOptimizer(torch.optim.Optimizer):
 
     def clear_block_state(self) -> None:
         """Drop the inner optimizer's state and the fp32 masters (an engine rebuilding its own layout)."""
-        self.inner.state.clear()
-        self._masters.clear()
-        self._master_buffers.clear()
-        for name in list(self._grad_hooks):
-            self._drop_grad_hook(name)
-        self._grad_buffers = None
-        self._pending.clear()
+        self._drop_state_of(self._trainable)
+        self.inner.state.clear()  # a driving engine keys the inner state by tensors of its own
         self._set_inactive([])
 
     def sync_hyperparameters(self) -> None:
@@ -392,634 +792,126 @@ class BlockOptimizer(torch.optim.Optimizer):
                 if k != "params" and k in inner:
                     inner[k] = v
 
-    # --- block switching ----------------------------------------------------------------------------
+    # --- introspection --------------------------------------------------------------------------------
 
-    def _target(self, name: str) -> torch.Tensor:
-        """What the inner optimizer updates for `name`: its fp32 master, or the parameter itself."""
-        return self._masters.get(name, self._params[name])
+    @property
+    def num_blocks(self) -> int:
+        return len(self.partition)
 
-    def _activate(self, blocks: tuple[int, ...], fresh: bool = False) -> None:
-        blocks = tuple(blocks)
-        always = set(self.partition.always_active)
-        new = [n for b in blocks for n in self.partition.blocks[b].param_names] + list(self.partition.always_active)
-        new_set = set(new)
-        for name in self._trainable:
-            if name in always and name in new_set and not fresh:
-                continue  # always-active parameters keep their master and moments across switches
-            # Everything else starts afresh, also a block drawn again (mode lisa) or one whose mask moved
-            # (mode ratio): its old moments belong to other coordinates or to a stale point.
-            self.inner.state.pop(self._target(name), None)
-            self._masters.pop(name, None)
-            self._drop_grad_hook(name)
-            p = self._params[name]
-            if name not in new_set:
-                p.requires_grad_(False)
-                p.grad = None
-        self._grad_buffers = None
-        self._pending.clear()
-        self._master_buffers = [b for b in self._master_buffers if all(n in self._masters for n in b.names)]
-        self._trainable = new
-        self._selection = self._select(new) if self.mode == "ratio" else {}
-        for name in new:
-            self._params[name].requires_grad_(True)
-            if name not in self._grad_hooks and self._hooks_grads(name):
-                self._grad_hooks[name] = self._params[name].register_post_accumulate_grad_hook(
-                    functools.partial(self._take_grad, name)
-                )
-        self._set_groups()
-        self.active_blocks = blocks
-        self.active_block = blocks[0]
-        self._set_inactive(self._inactive_scope(new) if self.config.inactive.enabled else [])
-        self.truncation.update(new + self._inactive)
-        for hook in list(self._switch_hooks.values()):
-            hook(self)
+    @property
+    def active_block_name(self) -> str:
+        """The active block's name (mode lisa: the sampled blocks' names joined by '+'; mode ratio: 'all')."""
+        return self.blocks_name(self.active_blocks)
 
-    def _select(self, names: list[str]) -> dict[str, Any]:
-        """Mode ratio: the entries each block parameter trains in the current period (always-active ones train
-        whole). A pure function of (seed, period, parameter index): ranks and resumed runs agree."""
-        cfg, always = self.config.ratio, set(self.partition.always_active)
-        period = self.schedule.period(self.global_step)
-        out = {}
-        for name in names:
-            if name in always:
-                continue
-            # Drawn over the whole tensor, then cut to this rank's shard (FSDP2): the masks do not depend on
-            # the number of ranks, and a sharded run trains the entries one process would.
-            p = self._params[name].detach()
-            start, count = local_range(p)
-            whole = select_entries(p.numel(), cfg.update_ratio, cfg.mask_mode, self.config.schedule.seed,
-                                   period, self._index[name], device=local_shard(p).device)
-            out[name] = localize(whole, start, count, p.numel())
-        return out
+    def blocks_name(self, blocks) -> str:
+        if self.mode == "ratio":
+            return "all"
+        return "+".join(self.partition.blocks[b].name for b in blocks)
 
-    # --- BREAD: a stateless step for the parameters Adam does not train, inside the backward ------------
+    @property
+    def inactive_names(self) -> list[str]:
+        """Names that take `inactive_update`'s stateless step in the current block (empty without it)."""
+        return list(self._inactive_names)
 
-    def _inactive_scope(self, active: list[str]) -> list[str]:
-        """`inactive_scope=all`: every other parameter. `above`: those whose backward runs anyway, i.e. at or
-        above the lowest active position (input side < layers 0..L-1 < output side), so the truncation holds."""
-        active_set = set(active)
-        rest = [n for n in self._names if n not in active_set]
-        if self.config.inactive.inactive_scope == "all":
-            return rest
-        part = self.partition
-        top = len(part.stacks[0].layers) if part.stacks else 0
+    @property
+    def selections(self) -> MappingProxyType:
+        """Mode ratio: name -> the entries of its flattened (local) tensor trained in this period (a slice or
+        an index tensor); always-active names are absent (they train whole)."""
+        return MappingProxyType(self._selections)
 
-        def position(name: str) -> int:
-            if name in part.input_side:
-                return -1
-            return part.layer_of.get(name, top)
+    @property
+    def trainable_names(self) -> list[str]:
+        return list(self._trainable)
 
-        lowest = min((position(n) for n in active), default=top)
-        return [n for n in rest if position(n) >= lowest]
+    @property
+    def params_by_name(self) -> MappingProxyType:
+        """Name -> the model parameter this optimizer trains (read-only view)."""
+        return MappingProxyType(self._params)
 
-    def _set_inactive(self, names: list[str]) -> None:
-        keep = set(names)
-        for name in list(self._inactive_hooks):
-            if name not in keep:
-                self._inactive_hooks.pop(name).remove()
-                p = self._params[name]
-                p.grad = None
-                if name not in self._trainable:
-                    p.requires_grad_(False)
-        self._inactive = list(names)
-        for name in names:
-            p = self._params[name]
-            p.requires_grad_(True)
-            if name not in self._inactive_hooks:
-                self._inactive_hooks[name] = p.register_post_accumulate_grad_hook(
-                    functools.partial(self._inactive_grad, name))
-
-    def _at_boundary(self) -> bool:
-        checks = list(self._boundary_checks.values())
-        return all(check() for check in checks) if checks else True
-
-    def _inactive_grad(self, name: str, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook of an inactive parameter: in the last micro-batch's backward, take the step
-        on the whole accumulated gradient and free it (earlier micro-batches leave it accumulating)."""
-        if p.grad is not None and self._at_boundary():
-            self._inactive_step(name, p)
-
-    @torch.no_grad()
-    def _inactive_step(self, name: str, p: torch.Tensor) -> None:
-        cfg = self.config.inactive
-        # The lr the step about to happen uses (LR schedulers move the outer groups after each step).
-        lr = self.param_groups[0 if name in self._decay else 1]["lr"] * cfg.inactive_lr_scale
-        g = p.grad
-        p.grad = None
-        g = g.sign_() if cfg.inactive_update == "signsgd" else g
-        if cfg.inactive_rounding == "stochastic" and p.dtype == torch.bfloat16:
-            # The step in fp32, rounded at random: an update below half a bf16 ulp survives in expectation.
-            key = rounding_key(self.config.schedule.seed, self.global_step + 1, self._index[name], INACTIVE_STREAM)
-            stochastic_add_(local_shard(p), local_shard(g), -lr, key, start=global_start(p))
-        else:
-            p.add_(g, alpha=-lr)
-
-    def _apply_waiting_inactive(self) -> None:
-        for name in self._inactive:
-            p = self._params[name]
-            if p.grad is not None:
-                self._inactive_step(name, p)
-
-    def _set_groups(self) -> None:
-        # Keep the two group dicts (and their list objects): LR schedulers hold on to them.
-        for gi, decays in ((0, True), (1, False)):
-            names = [n for n in self._trainable if (n in self._decay) == decays]
-            self.param_groups[gi]["params"][:] = [self._params[n] for n in names]
-            self.inner.param_groups[gi]["params"][:] = [self._target(n) for n in names]
-
-    def _needs_master(self, name: str) -> bool:
-        # Mode ratio: the selected entries always get a plain fp32 copy (the inner optimizer's tensors).
-        return self._driver is None and (name in self._selection or needs_master(self._params[name]))
-
-    def _materialize_masters(self) -> None:
-        """Make the fp32 masters that the active parameters lack, as views of one buffer (one allocation,
-        freed whole at the next switch). Deferred to the block's first step: until then a master would only
-        repeat the weights, so the forward and backward of a block's first step (every step at K=1) run
-        without one."""
-        missing = [n for n in self._trainable if n not in self._masters and self._needs_master(n)]
-        if missing:
-            # The always-active parameters' masters outlive the block's: a buffer of their own.
-            always = set(self.partition.always_active)
-            gathered = [n for n in missing if torch.is_tensor(self._selection.get(n))]
-            rest = [n for n in missing if n not in always and n not in set(gathered)]
-            for group in ([n for n in missing if n in always], rest):
-                if group:
-                    # A slice selection (mode ratio, adjacent) is a view of the weights: held like a weight.
-                    buf = MasterBuffer(group, [selected(self._params[n], self._selection.get(n)) for n in group])
-                    self._master_buffers.append(buf)
-                    self._masters.update(zip(group, buf.masters))
-            if gathered:
-                buf = GatheredMasters(gathered, [self._params[n] for n in gathered],
-                                      [self._selection[n] for n in gathered])
-                self._master_buffers.append(buf)
-                self._masters.update(zip(gathered, buf.masters))
-            self._set_groups()
+    @property
+    def masters(self) -> MappingProxyType:
+        """Name -> fp32 master of an active low-precision (or sharded) parameter (read-only view). Made at the
+        block's first step (before it, a master would only repeat the weights: it is their exact upcast).
+        Reading this between steps rebuilds masters held split (`split_masters`) until the next step."""
         for buf in self._master_buffers:
             buf.join()
+        return MappingProxyType(self._masters)
 
-    def _attach_master_grads(self) -> None:
-        """Masters made, and the fp32 gradients accumulated so far hung on them (what the step and clipping use)."""
-        self._materialize_masters()
-        for name in self._pending:
-            master = self._masters[name]
-            if master.grad is None:
-                master.grad = self._grad_buffers[name]
-        self._pending.clear()
-
-    def _write_back(self) -> None:
-        """After the inner step: the master gradients dropped, then the weights from the masters."""
-        for buf in self._master_buffers:
-            for m in buf.masters:
-                m.grad = None
-        self._grad_buffers = None  # freed before the split's temporaries are made
-        done = self.global_step + 1
-        final = self.total_steps is not None and done == self.total_steps
-        self._store_masters(block_ends=self.schedule.switches_at(done), final=final, step=done)
-        if final:
-            self._finished_at = done
-
-    def _store_masters(self, block_ends: bool = False, final: bool = False, step: int | None = None) -> None:
-        """Write the masters (rounded) into the weights. With `split_masters`, a bf16 buffer keeps only the
-        masters' low 16 bits until the next step, except at the block's last step (`block_ends`): the
-        block's masters are dropped right after it, so they are written with `switch_rounding` instead
-        (nearest: torch's rounding). At the last step of training (`final`) every master is written that way
-        under stochastic rounding (nearest keeps today's behaviour bit for bit). `step`: the steps done once
-        this write lands (the key of the stochastic rounding)."""
-        always = set(self.partition.always_active)
-        stochastic = self.config.switch_rounding == "stochastic"
-        for buf in self._master_buffers:
-            lives_on = not (final and stochastic) and (not block_ends or buf.names[0] in always)
-            if self.config.split_masters and buf.can_split and lives_on:
-                buf.split()
-            elif stochastic and not lives_on:
-                self._store_stochastic(buf, step)
-            else:
-                buf.store()
-
-    def _store_stochastic(self, buf, step: int) -> None:
-        """Write `buf`'s masters into their weights for the last time, rounded stochastically; the noise is a
-        pure function of (seed, step, parameter index, position in the whole tensor)."""
-        seed = self.config.schedule.seed
-        for name, master in zip(buf.names, buf.masters):
-            key = rounding_key(seed, step, self._index[name], SWITCH_STREAM)
-            store_stochastic(self._params[name], master, self._selection.get(name), key)
-            master.grad = None
-
-    def finish(self) -> None:
-        """End of training: with `switch_rounding=stochastic`, write the masters still alive (the current
-        block's, the always-active ones') into the weights as a block's last step does. Nothing to do with
-        nearest, or when the last step was `total_steps` (it did this already). Training may go on after it:
-        the masters stay whole and exact. The Trainer callback calls it at the end of `train()`."""
-        if (self.config.switch_rounding != "stochastic" or self._driver is not None
-                or self._finished_at == self.global_step or not self._master_buffers):
-            return
-        for buf in self._master_buffers:
-            buf.join()
-        self._store_masters(final=True, step=self.global_step)
-        self._finished_at = self.global_step
-
-    def _master_value(self, name: str) -> torch.Tensor:
-        """The fp32 master of `name` as a tensor with memory (a rebuilt copy while its buffer is split)."""
-        for buf in self._master_buffers:
-            if name in buf.names:
-                return buf.value(buf.names.index(name))
-        return self._masters[name]
-
-    # --- gradients straight into fp32 ---------------------------------------------------------------
-
-    def _hooks_grads(self, name: str) -> bool:
-        # Sharded parameters (FSDP2) get their reduced gradient assigned by the engine, not accumulated by
-        # autograd; a driving engine (ZeRO-3) owns the gradients. Both keep their own path.
-        return self.config.fp32_grad_accumulation and self._needs_master(name) and not is_sharded(self._params[name])
-
-    def _drop_grad_hook(self, name: str) -> None:
-        handle = self._grad_hooks.pop(name, None)
-        if handle is not None:
-            handle.remove()
-
-    def _grad_buffer(self, name: str) -> torch.Tensor:
-        """The fp32 gradient view of `name`'s master: all of them live in one buffer, made at the first
-        gradient after a step and freed at the next step."""
-        if self._grad_buffers is None:
-            names = [n for n in self._trainable if self._needs_master(n)]
-            templates = [selection_template(self._params[n], self._selection.get(n)) for n in names]
-            self._grad_buffers = dict(zip(names, flat_like(templates)))
-        return self._grad_buffers[name]
-
-    @torch.no_grad()
-    def _take_grad(self, name: str, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: add the gradient autograd just left on `p` to its fp32 gradient."""
-        if p.grad is None:
-            return
-        master = self._masters.get(name)
-        acc = master.grad if master is not None and master.grad is not None else (
-            self._grad_buffers[name] if name in self._pending else None)
-        keep = any(check() for check in list(self._grad_keep_checks.values()))
-        if keep and acc is None:
-            return  # nothing accumulated in fp32: the engine reduces the gradient as autograd made it
-        sel = self._selection.get(name)
-        g = selected(p.grad, sel)  # mode ratio: only the selected entries go up to fp32
-        if acc is None:
-            acc = self._grad_buffer(name).copy_(g)
-            self._pending.add(name)
-        else:
-            acc.add_(g)
-        if keep:
-            # The engine reduces p.grad in this backward (DDP's sync pass): hand it the whole sum, rounded once.
-            write_selected(p.grad, sel, acc)
-            self._pending.discard(name)
-            if master is not None:
-                master.grad = None
-        else:
-            p.grad = None
-
-    def gradient_holders(self, parameters) -> list[torch.Tensor]:
-        """`parameters` (e.g. `model.parameters()`), with each one whose gradient now lives on its fp32 master
-        replaced by that master: what gradient clipping must see (HF's Trainer clips through this)."""
-        self._attach_master_grads()
-        names = {id(p): n for n, p in self._params.items()}
-        out = []
-        for p in parameters:
-            master = self._masters.get(names.get(id(p)))
-            out.append(master if p.grad is None and master is not None and master.grad is not None else p)
+    @property
+    def master_grads(self) -> dict[str, torch.Tensor]:
+        """Name -> the fp32 gradient accumulated so far for an active low-precision parameter."""
+        out = {n: self._fp32_grads[n] for n in self._buffered_grads} if self._fp32_grads is not None else {}
+        out.update({n: m.grad for n, m in self._masters.items() if m.grad is not None})
         return out
 
-    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0, parameters=None) -> torch.Tensor:
-        """`torch.nn.utils.clip_grad_norm_` over the trained gradients wherever they live (for plain loops;
-        clipping `model.parameters()` directly would miss the gradients already moved to fp32)."""
-        params = self.model.parameters() if parameters is None else parameters
-        return torch.nn.utils.clip_grad_norm_(self.gradient_holders(params), max_norm, norm_type)
+    @property
+    def switch_hooks(self) -> list[Callable]:
+        return list(self._switch_hooks.values())
 
-    @torch.no_grad()
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        super().zero_grad(set_to_none=set_to_none)
-        for name in self._inactive:  # not in the param groups: dropped like the trained ones
-            self._params[name].grad = None
-        for master in self._masters.values():
-            if master.grad is not None:
-                if set_to_none:
-                    master.grad = None
-                else:
-                    master.grad.zero_()
-        if set_to_none:
-            self._grad_buffers = None
-            self._pending.clear()
-        elif self._grad_buffers is not None:
-            for view in self._grad_buffers.values():
-                view.zero_()
+    @property
+    def driver(self):
+        """The engine driving the step (see `attach_driver`), or None."""
+        return self._driver
 
-    def advance(self) -> None:
-        """Count one successful optimizer step; activate the next block when this one has had its K steps."""
-        self.global_step += 1
-        if self.schedule.switches_at(self.global_step):
-            self._activate(self.schedule.active_at(self.global_step))
+    @property
+    def steps_in_block(self) -> int:
+        return self.schedule.position(self.global_step)[2]
 
-    def seek(self, step: int) -> None:
-        """Jump the schedule to `step` optimizer steps done, with fresh state for the block active there."""
-        self.global_step = int(step)
-        self._activate(self.schedule.active_at(self.global_step), fresh=True)
-
-    # --- parameters replaced by an engine (accelerate's FSDP2 prepare) ------------------------------
-
-    def _current_parameters(self) -> dict[str, nn.Parameter]:
-        # Wrappers applied in place may add these to the names (activation checkpointing, torch.compile).
-        return {
-            n.replace("_checkpoint_wrapped_module.", "").replace("_orig_mod.", ""): p
-            for n, p in self.model.named_parameters()
-        }
-
-    def rebind_parameters(self) -> bool:
-        """Pick up parameters that an engine replaced after this optimizer was built. The Trainer builds the
-        optimizer first and then lets accelerate shard the model in place with FSDP2, which turns every
-        parameter into a new DTensor. The active block then gets fresh masters from the new parameters.
-        Runs by itself at the first step (and in state_dict / load_state_dict before it); engines that
-        replace parameters call it when they attach. Returns whether anything changed."""
-        now = list(self.model.parameters())
-        if len(now) == len(self._params) and all(a is b for a, b in zip(now, self._params.values())):
-            return False
-        current = self._current_parameters()
-        if all(current.get(n) is p for n, p in self._params.items()) and len(current) == len(self._params):
-            return False
-        if current.keys() != self._params.keys():
-            missing = sorted(set(self._params) - set(current))[:2]
-            raise BAdamConfigError(
-                f"the model's parameters changed names after the BlockOptimizer was built (e.g. {missing} are gone); "
-                "build the optimizer after wrapping the model."
-            )
-        for name in self._trainable:
-            self.inner.state.pop(self._target(name), None)
-            self._drop_grad_hook(name)
-        self._masters.clear()
-        self._master_buffers.clear()
-        self._grad_buffers = None
-        self._pending.clear()
-        self._params = {n: current[n] for n in self._names}
-        for p in self._params.values():
-            p.requires_grad_(False)
-        self._inactive_hooks.clear()  # their hooks went with the old parameters
-        self._activate(self.active_blocks, fresh=True)
-        return True
-
-    def _bind_at_first_step(self) -> None:
-        if not self._stepped:
-            self._bind_before_first_step()
-            self._stepped = True
-
-    def _bind_before_first_step(self) -> None:
-        if not self._stepped and self._driver is None:  # a driving engine owns the parameters' layout
-            self.rebind_parameters()
-
-    # --- the step: the algorithm only ---------------------------------------------------------------
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        if self._driver is not None:
-            return self._driver.step(closure)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self._attach_master_grads()
-        names = [n for n in self._trainable if n in self._masters]
-        params = [self._params[n] for n in names]
-        masters = [self._masters[n] for n in names]
-        self.sync_hyperparameters()
-        # Gradients still on the parameters (bf16 accumulation, or what an engine reduced) join the fp32 ones.
-        if any(p.grad is not None for p in params):
-            grads_to_masters(params, masters, [self._grad_buffer(n) for n in names],
-                             [self._selection.get(n) for n in names])
-        if self.config.skip_nonfinite and not self.grads_finite():
-            self._skip_step()
-            return loss
-        self._apply_waiting_inactive()
-        self.inner.step()
-        self.note_step(skipped=False)
-        self._write_back()
-        self.advance()
-        return loss
-
-    # --- non-finite steps ---------------------------------------------------------------------------
-
-    @torch.no_grad()
-    def grads_finite(self) -> bool:
-        """Whether every gradient the inner optimizer is about to use is finite, on every rank: one fused
-        reduction (each tensor's largest |g|: NaN and inf propagate, no overflow) and, under an engine, one
-        all-reduce of the verdict. Costs one host sync per step."""
-        grads = [t.grad for g in self.inner.param_groups for t in g["params"] if t.grad is not None]
-        if grads:
-            norms = torch._foreach_norm(grads, float("inf"))
-            bad = (~torch.stack([n.to(norms[0].device) for n in norms]).float().isfinite()).any().float()
-        else:
-            bad = torch.zeros((), device=local_shard(next(iter(self._params.values()))).device)
-        for reduce in list(self._flag_reducers.values()):
-            reduce(bad)
-        if bad.device.type == "meta":  # a dry run (badam-hf estimate --exact) has no values: it never skips
-            return True
-        return not bool(bad)
-
-    @torch.no_grad()
-    def _skip_step(self) -> None:
-        """Drop this step's gradients; weights, masters and moments stay as they were (masters held split go
-        back to being split: the weights are rewritten with the bits they already hold)."""
-        for buf in self._master_buffers:
-            for m in buf.masters:
-                m.grad = None
-            if self.config.split_masters and buf.can_split:
-                buf.split()
-        for name in self._trainable + self._inactive:
-            self._params[name].grad = None
-        self._grad_buffers = None
-        self._pending.clear()
-        self.note_step(skipped=True)
-        self.advance()
-
-    def note_step(self, skipped: bool) -> None:
-        """Count a step taken or skipped for inf/NaN gradients; too many skips in a row stop training."""
-        if not skipped:
-            self._skips_in_a_row = 0
-            return
-        self.skipped_steps += 1
-        self._skips_in_a_row += 1
-        where = f"step {self.global_step + 1}, block {self.active_block_name!r}"
-        if self._skips_in_a_row >= self.config.max_skipped_steps:
-            raise NonFiniteGradientError(
-                f"{self._skips_in_a_row} optimizer steps in a row had inf/NaN gradients (the last at {where}); "
-                f"stopping (max_skipped_steps={self.config.max_skipped_steps}). The weights hold the values from before "
-                "the first skipped step. Try a lower learning rate or a longer warmup, gradient clipping "
-                "(max_grad_norm), bf16 instead of fp16, or look for broken examples in the data; then resume from "
-                "the last checkpoint."
-            )
-        logger.warning(
-            "BAdam skipped optimizer step (%s): inf/NaN gradient; weights, masters and moments unchanged. The step "
-            "still counts towards switch_every. %d skipped so far, %d in a row (training stops at %d).",
-            where, self.skipped_steps, self._skips_in_a_row, self.config.max_skipped_steps,
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held for the active block: fp32 masters, inner-optimizer state, and grads."""
+        masters = sum(buf.nbytes() for buf in self._master_buffers)
+        state = sum(
+            v.numel() * v.element_size()
+            for st in self.inner.state.values()
+            for v in st.values()
+            if torch.is_tensor(v)
         )
+        # fp32 gradients live in one buffer (see _fp32_grad_slot); what is still on the parameters comes on top.
+        grads = sum(local_shard(p.grad).numel() * p.grad.element_size() for p in self._params.values()
+                    if p.grad is not None)
+        if self._fp32_grads is not None:
+            grads += sum(v.numel() * v.element_size() for v in self._fp32_grads.values())
+        # Mode ratio, mask_mode scatter: the index tensors of the selected entries (4 bytes per entry).
+        selections = sum(s.numel() * s.element_size() for s in self._selections.values() if torch.is_tensor(s))
+        return {"masters": masters, "optimizer_state": state, "grads": grads, "selections": selections}
 
-    # --- checkpointing ------------------------------------------------------------------------------
+    # --- checkpointing --------------------------------------------------------------------------------
+
     # torch's state-dict hooks run as in torch.optim.Optimizer (engines add their state through them).
 
     def state_dict(self) -> dict[str, Any]:
-        """Plain containers and tensors only, so `torch.load(weights_only=True)` reads it."""
-        self._bind_before_first_step()
+        """Plain containers and tensors only, so `torch.load(weights_only=True)` reads it (the format:
+        `badam_hf.core.checkpoint`)."""
+        self._rebind_if_not_stepped()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
-        out = self._state_dict()
+        out = checkpoint.state_dict(self)
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             result = post_hook(self, out)
             if result is not None:
                 out = result
         return out
 
-    def _state_dict(self) -> dict[str, Any]:
-        epoch, _, in_block = self.schedule.position(self.global_step)
-        state: dict[int, dict[str, Any]] = {}
-        for name in self._trainable:
-            entry = dict(self.inner.state.get(self._target(name), {}))
-            if name in self._masters:
-                entry["master"] = self._master_value(name)
-            if entry:
-                state[self._index[name]] = entry
-        groups = [
-            {k: v for k, v in g.items() if k != "params"} | {"params": [self._index[n] for n in self._group_names(i)]}
-            for i, g in enumerate(self.param_groups)
-        ]
-        badam = {
-            "version": STATE_VERSION,
-            "step": self.global_step,
-            "block": self.active_block,
-            "block_name": self.active_block_name,
-            "steps_in_block": in_block,
-            "block_epoch": epoch,
-            "order": list(self.schedule.epoch_order(epoch)),
-            "seed": self.config.schedule.seed,
-            "switch_every": self.schedule.switch_every,
-            "switch_mode": self.schedule.mode,
-            "block_names": self.partition.names,
-            "inner_optimizer": type(self.inner).__name__,
-            "shards": self._shards(),
-            "mode": self.mode,
-            "active_blocks": list(self.active_blocks),
-            "mode_settings": self._mode_settings(),
-            "skipped_steps": self.skipped_steps,
-        }
-        return {"state": state, "param_groups": groups, "badam": badam}
-
-    def _mode_settings(self) -> dict[str, Any]:
-        """What the saved masters' and moments' shapes depend on besides the partition (a resume must match)."""
-        out: dict[str, Any] = {}
-        if self.mode == "ratio":
-            out.update(update_ratio=self.config.ratio.update_ratio, mask_mode=self.config.ratio.mask_mode)
-        if self.mode == "lisa":
-            out["lisa_layers"] = self.config.lisa.lisa_layers
-        return out
-
-    def _shards(self) -> int:
-        """How many ranks the saved state is split over: the world size for sharded parameters, else 1."""
-        if any(is_sharded(p) for p in self._params.values()) and torch.distributed.is_initialized():
-            return torch.distributed.get_world_size()
-        return 1
-
-    def _group_names(self, gi: int) -> list[str]:
-        return [n for n in self._trainable if (n in self._decay) == (gi == 0)]
-
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._bind_before_first_step()
+        """Resume from `state_dict`, after checking that it belongs to this run (see `check_state_dict`)."""
+        self._rebind_if_not_stepped()
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
             if result is not None:
                 state_dict = result
-        self._load_state_dict(state_dict)
+        checkpoint.load_state_dict(self, state_dict)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> int:
-        """Refuse a checkpoint that does not belong to this run (raises CheckpointMismatchError); returns the
-        step it resumes at. Changes nothing."""
-        badam = state_dict.get("badam")
-        if badam is None:
-            raise CheckpointMismatchError(
-                "this optimizer state was not saved by badam_hf's BlockOptimizer (no 'badam' entry); "
-                "start without resuming the optimizer or use a BAdam checkpoint."
-            )
-        if badam["block_names"] != self.partition.names:
-            raise CheckpointMismatchError(
-                f"the checkpoint's blocks ({len(badam['block_names'])}, first {badam['block_names'][:2]}) differ "
-                f"from this model's ({self.num_blocks}, first {self.partition.names[:2]}); resume with the same "
-                "model and partition settings."
-            )
-        for key, mine in (
-            ("mode", self.mode),
-            ("mode_settings", self._mode_settings()),
-            ("switch_every", self.schedule.switch_every),
-            ("switch_mode", self.schedule.mode),
-            ("seed", self.config.schedule.seed),
-            ("inner_optimizer", type(self.inner).__name__),  # its moments mean nothing to another optimizer
-        ):
-            saved = badam.get(key, {"mode": "layer", "mode_settings": {}}.get(key))  # older checkpoints: layer mode
-            if saved != mine:
-                raise CheckpointMismatchError(
-                    f"the checkpoint was saved with {key}={saved!r} but this run has {key}={mine!r}."
-                )
-        if badam.get("shards", 1) != self._shards():
-            raise CheckpointMismatchError(
-                f"the checkpoint's optimizer state is split over {badam.get('shards', 1)} rank(s) (FSDP2 shards) but "
-                f"this run has {self._shards()}; resume with the same number of processes and the same sharding."
-            )
-        step = int(badam["step"])
-        block = self.schedule.block_at(step)
-        if block != badam["block"]:
-            raise CheckpointMismatchError(
-                f"the checkpoint's active block {badam['block']} does not follow from its step {step} under this "
-                "run's schedule; resume with the same start_block and switch settings."
-            )
-        will_train = {n for b in self.schedule.active_at(step) for n in self.partition.blocks[b].param_names}
-        will_train |= set(self.partition.always_active)
-        stray = [i for i in state_dict["state"] if self._names[int(i)] not in will_train]
-        if stray:
-            raise CheckpointMismatchError(
-                f"the checkpoint has optimizer state for inactive parameter {self._names[int(stray[0])]!r}."
-            )
-        # Masters exist exactly for low-precision (or sharded) weights: another dtype would lose the moments.
-        odd = [i for i, e in state_dict["state"].items() if ("master" in e) != self._needs_master(self._names[int(i)])]
-        if odd:
-            name = self._names[int(odd[0])]
-            has = "holds" if "master" in state_dict["state"][odd[0]] else "lacks"
-            raise CheckpointMismatchError(
-                f"the checkpoint {has} an fp32 master for {name!r}, but this run's weight is "
-                f"{self._params[name].dtype} and needs {'none' if has == 'holds' else 'one'}; resume with the weights' "
-                "dtype of the saved run."
-            )
-        return step
+        """Refuse a checkpoint that does not belong to this run, or of another format version (raises
+        CheckpointMismatchError); returns the step it resumes at. Changes nothing."""
+        return checkpoint.check_state_dict(self, state_dict)
 
-    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        # Validate everything before changing anything, so a refused load leaves the optimizer as it was.
-        step = self.check_state_dict(state_dict)
-        for group, saved in zip(self.param_groups, state_dict["param_groups"]):
-            group.update({k: v for k, v in saved.items() if k != "params"})
-        self.seek(step)
-        self.loaded_step = step
-        self.skipped_steps = int(state_dict["badam"].get("skipped_steps", 0))
-
-        saved_state = state_dict["state"]
-        if any("master" in entry for entry in saved_state.values()):
-            self._materialize_masters()
-        with torch.no_grad():
-            for i, entry in saved_state.items():
-                name = self._names[int(i)]
-                if "master" in entry:
-                    self._masters[name].copy_(entry["master"])
-        self._store_masters()  # as after the step that wrote this checkpoint (mid-block: it had masters)
-        # Let torch.optim place and cast the moments: rebuild the inner state dict in its own format.
-        order = [self._target(n) for g in range(2) for n in self._group_names(g)]
-        position = {id(t): k for k, t in enumerate(order)}
-        inner_sd = self.inner.state_dict()
-        inner_sd["state"] = {}
-        for i, entry in saved_state.items():
-            moments = {k: v for k, v in entry.items() if k != "master"}
-            if moments:
-                inner_sd["state"][position[id(self._target(self._names[int(i)]))]] = moments
-        self.inner.load_state_dict(inner_sd)
+    def _group_names(self, gi: int) -> list[str]:
+        """Names in param group `gi` (0: weight decay, 1: none), in their order there."""
+        return [n for n in self._trainable if (n in self._decay_names) == (gi == 0)]
 
 
 class _DriverHandle:

@@ -399,7 +399,7 @@ def _model_labels(model, out: dict) -> None:
 
 
 def _badam_labels(opt, out: dict) -> None:
-    _keys((opt._grad_buffers or {}).values(), "fp32 gradients", out)
+    _keys((opt._fp32_grads or {}).values(), "fp32 gradients", out)
     for m in opt._masters.values():
         _keys([m.grad], "fp32 gradients", out)
         if m.numel():
