@@ -110,10 +110,15 @@ if hasattr(T, "Qwen3VLForConditionalGeneration"):
 VLM_FAMILIES = tuple(VLM_BUILDERS)
 
 
-def tiny_vlm(family: str, layers: int = 3, **kw):
-    model = VLM_BUILDERS[family](layers, **kw)
+def _built(builders: dict, family: str, layers: int, **kw):
+    """A model of `family` from `builders`, without a KV cache (training), in train mode."""
+    model = builders[family](layers, **kw)
     model.config.use_cache = False
     return model.train()
+
+
+def tiny_vlm(family: str, layers: int = 3, **kw):
+    return _built(VLM_BUILDERS, family, layers, **kw)
 
 
 def _image_block(model) -> list[int]:
@@ -246,9 +251,7 @@ MOE_FAMILIES = tuple(MOE_BUILDERS)
 
 
 def tiny_moe(family: str, layers: int = 2, **kw):
-    model = MOE_BUILDERS[family](layers, **kw)
-    model.config.use_cache = False
-    return model.train()
+    return _built(MOE_BUILDERS, family, layers, **kw)
 
 
 # --- encoder-decoder -------------------------------------------------------------------------------------------
