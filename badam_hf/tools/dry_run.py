@@ -288,7 +288,7 @@ class Setting:
 
     @classmethod
     def from_model(cls, model: str, **kw) -> "Setting":
-        from .estimate import load_config
+        from .model_shapes import load_config
 
         config = load_config(model)
         kw.setdefault("task", "sequence-classification" if config.model_type in ("roberta", "bert") else "causal-lm")
