@@ -83,9 +83,24 @@ def reset_memory(device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def loss_context(model, opt):
+    """The loss BAdamTrainer and --optim badam train with: chunked (on by default) where the model allows it;
+    the same choice the dry run makes, so measured and predicted peaks count the same tensors."""
+    import contextlib
+
+    from badam_hf.core.optimizer import BlockOptimizer
+    from badam_hf.integrations.chunked_loss import chunked_causal_lm_loss, unsupported_reason
+
+    if isinstance(opt, BlockOptimizer) and opt.config.chunked_loss and unsupported_reason(model) is None:
+        return chunked_causal_lm_loss(model, opt.config.loss_chunk_tokens)
+    return contextlib.nullcontext()
+
+
 def one_step(model, opt, ids, clock) -> tuple[float, float, float]:
     t0 = clock.now()
-    loss = model(input_ids=ids, labels=ids).loss
+    with loss_context(model, opt):
+        # Every position labelled (shift_labels), as in the dry run's inputs.
+        loss = model(input_ids=ids, labels=ids, shift_labels=ids).loss
     t1 = clock.now()
     loss.backward()
     t2 = clock.now()

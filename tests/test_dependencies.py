@@ -4,7 +4,8 @@ A package that is only installed by hand (or pulled in by chance as someone else
 on a prepared machine and fails every new user; this scan catches it from the source. Scopes:
 - `badam_hf/`: module-level imports need a core dependency; imports inside functions (optional engines)
   may come from an extra as well.
-- `benchmarks/`: core dependencies and the `reference` extra (the authors' package).
+- `benchmarks/`: core dependencies and the `reference` extra (the authors' package); imports inside functions
+  may also come from the `trl` extra (the TRL comparisons of chunked_loss_memory.py and dpo_rounding.py).
 - `tests/`: core dependencies and the `test` extra (with the extras it names).
 """
 
@@ -100,7 +101,7 @@ def _scopes():
     every_extra = set().union(*extras.values())
     return {
         "badam_hf": (core, core | every_extra),
-        "benchmarks": (core | extras["reference"], core | extras["reference"]),
+        "benchmarks": (core | extras["reference"], core | extras["reference"] | extras["trl"]),
         "tests": (core | extras["test"], core | extras["test"]),
     }
 

@@ -42,7 +42,8 @@ def test_tiny_mode_writes_the_json(tmp_path):
     for s in ss["steps"]:
         assert s["measured_bytes"] == s["predicted_bytes"] > 0, s
     first, later = ss["steps"]
-    assert first["predicted_phase"] == "step: inner AdamW" and later["predicted_phase"] == "backward: loss"
+    # With the chunked loss (BAdam's default) the later step's peak is in backward, no longer at the loss.
+    assert first["predicted_phase"] == "step: inner AdamW" and later["predicted_phase"] == "backward"
     for mem in (b["memory"], lora["memory"]):
         assert mem["predicted_max_allocated_gb"] > 0
     assert "predicted" in r.stdout and "later step (K=2)" in r.stdout

@@ -80,7 +80,7 @@ class BackwardTruncation:
         self._trainable: set[str] = set()
         self._warned = False
         self.gradless_forwards = 0  # forwards whose loss depended on no trainable parameter
-        self._anchor = torch.zeros((), requires_grad=True)
+        self._anchor: torch.Tensor | None = None  # made on first use (a model whose blocks always get gradients never needs it)
         self.enabled = enabled and bool(self.chain)
         # The (HF) modules that can hold `enable_input_require_grads()` hooks.
         self._hf_modules = [m for m in model.modules() if callable(getattr(m, "disable_input_require_grads", None))]
@@ -99,6 +99,13 @@ class BackwardTruncation:
     def cut_layer(self) -> int | None:
         """The cut in the partition's layer stack (a VLM's language model); see `cuts` for every stack."""
         return self.cuts.get(self._primary) if self._primary is not None else None
+
+    @cut_layer.setter
+    def cut_layer(self, value: int | None) -> None:
+        # Moves the primary stack's cut until the next switch (None: a full backward there; bench and
+        # gpu_check measure the untruncated backward this way).
+        if self._primary is not None:
+            self.cuts[self._primary] = value
 
     def drop_input_require_grads(self) -> None:
         """Remove HF's `enable_input_require_grads()` hooks: the pre-hook makes them unnecessary, and they
@@ -161,5 +168,7 @@ class BackwardTruncation:
                 "badam_hf: no trainable parameter of the active block(s) %s took part in this forward (e.g. a vision "
                 "layer on a text-only batch); the block gets no gradient from it, and a step that gets none at all "
                 "leaves the block unchanged and still counts towards switch_every.", ", ".join(blocks) or "-")
+        if self._anchor is None or self._anchor.device != value.device:
+            self._anchor = torch.zeros((), device=value.device, requires_grad=True)
         setattr(output, key, _TieToAnchor.apply(value, self._anchor))
         return output

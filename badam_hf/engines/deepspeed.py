@@ -59,7 +59,7 @@ from typing import Any
 
 import torch
 
-from ..core.checkpoint import check_version
+from ..core.checkpoint import check_version as check_state_version
 from ..core.errors import CheckpointMismatchError
 from .common import (
     DistributedSetupError,
@@ -477,7 +477,7 @@ class DeepSpeedBlockSync:
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "badam" in state_dict:  # the format version first: another version may lack the fields read below
-            check_version(state_dict["badam"])
+            check_state_version(state_dict["badam"])
         saved = state_dict.get("engine")
         if not isinstance(saved, dict) or "inner_state" not in saved:
             raise CheckpointMismatchError(
