@@ -36,7 +36,7 @@ from ..data.sft import (
     tokenize_sft,
 )
 from ..data.synthetic import make_synthetic_records
-from .harness import optimizer_state_bytes, peak_rss_kb, plot_curves, run_isolated, switch_positions
+from .harness import optimizer_state_bytes, peak_rss_kb, plot_curves, run_isolated, switch_positions, watch_state_peak
 
 # The tiny path compares the two methods whose runs it can make equal: the same weights, batches and schedule.
 TINY_METHODS = ("badam", "adamw")
@@ -60,8 +60,15 @@ def _train_one(method: str, job: dict) -> dict:
 
     peak_state = {"bytes": 0}
 
+    def note_state(nbytes: int) -> None:
+        peak_state["bytes"] = max(peak_state["bytes"], nbytes)
+
     class StateBytes(TrainerCallback):
-        # The largest optimizer state seen after any step: BAdam drops a block's state when it switches.
+        # The largest optimizer state seen: BAdam drops a block's state inside the step that ends its visit.
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is not None:
+                watch_state_peak(optimizer, note_state)
+
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             if optimizer is not None:
                 peak_state["bytes"] = max(peak_state["bytes"], optimizer_state_bytes(optimizer))

@@ -112,6 +112,14 @@ def optimizer_state_bytes(optimizer) -> int:
     return sum(v.numel() * v.element_size() for st in inner.state.values() for v in st.values() if hasattr(v, "numel"))
 
 
+def watch_state_peak(optimizer, on_bytes) -> None:
+    """Report a BlockOptimizer's state right after each inner Adam step: with K=1 (or at a switch) the block's
+    masters and moments are dropped inside `step()`, so the Trainer's `on_step_end` would never see them."""
+    block = unwrap_optimizer(optimizer)
+    if block is not None:
+        block.inner.register_step_post_hook(lambda *_: on_bytes(optimizer_state_bytes(block)))
+
+
 def step_recorder():
     """A TrainerCallback that records, per optimizer step, the seconds since training began (evaluation time
     left out), the largest optimizer state seen (BAdam drops a block's state when it switches), and the peak
@@ -127,15 +135,20 @@ def step_recorder():
             self._start = None
             self._paused = 0.0
 
-        def on_train_begin(self, args, state, control, **kwargs):
+        def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+            if optimizer is not None:
+                watch_state_peak(optimizer, self._note_state)
             reset_peak_rss()
             self._start = time.perf_counter()
+
+        def _note_state(self, nbytes: int) -> None:
+            self.peak_state_bytes = max(self.peak_state_bytes, nbytes)
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             self.seconds.append(time.perf_counter() - self._start - self._paused)
             self.peak_rss = max(self.peak_rss, peak_rss_bytes())
             if optimizer is not None:
-                self.peak_state_bytes = max(self.peak_state_bytes, optimizer_state_bytes(optimizer))
+                self._note_state(optimizer_state_bytes(optimizer))
 
         def exclude(self, seconds: float) -> None:
             """Leave `seconds` (an evaluation between two steps) out of the training time, and its memory out of
