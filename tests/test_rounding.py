@@ -149,7 +149,7 @@ def run_to_first_end(tiny_llama, rounding: str, mode: str, split: bool = True):
     opt = BlockOptimizer(model, lr=1e-4, switch_rounding=rounding, split_masters=split, **MODES[mode])
     masters: dict[str, tuple] = {}
     opt.inner.register_step_post_hook(lambda o, a, k: masters.update(
-        {n: (opt._master_value(n).clone(), opt.selections.get(n)) for n in opt.trainable_names}))
+        {n: (opt._block_masters.value(n).clone(), opt.selections.get(n)) for n in opt.trainable_names}))
     weights = []
     for step in range(3):
         ids = batch(step)
@@ -220,7 +220,7 @@ def test_the_last_step_of_training_rounds_every_live_master(tiny_llama):
         opt.total_steps = total
         masters = {}
         opt.inner.register_step_post_hook(lambda o, a, k: masters.update(
-            {n: opt._master_value(n).clone() for n in opt.trainable_names}))
+            {n: opt._block_masters.value(n).clone() for n in opt.trainable_names}))
         for step in range(steps):
             ids = batch(step)
             model(input_ids=ids, labels=ids).loss.backward()

@@ -1,6 +1,6 @@
 """The algorithm, engine-free: settings, partitioning, the block schedule, backward truncation, fp32 masters
 and `BlockOptimizer`. Imports only from `badam_hf.core` and third-party packages; engines plug in through
-the optimizer's extension points (see `BlockOptimizer`)."""
+the optimizer's extension points (see `badam_hf.core.extension_points`)."""
 
 from .config import BAdamConfig, PartitionConfig, ScheduleConfig
 from .errors import (

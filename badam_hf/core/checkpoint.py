@@ -33,8 +33,8 @@ def state_dict(opt) -> dict[str, Any]:
     state: dict[int, dict[str, Any]] = {}
     for name in opt._trainable:
         entry = dict(opt.inner.state.get(opt._inner_tensor(name), {}))
-        if name in opt._masters:
-            entry["master"] = opt._master_value(name)
+        if name in opt._block_masters.masters:
+            entry["master"] = opt._block_masters.value(name)
         if entry:
             state[opt._index[name]] = entry
     groups = [
@@ -164,7 +164,7 @@ def _check_entries(opt, saved_state: dict[int, dict[str, Any]], step: int) -> No
             f"the checkpoint has optimizer state for inactive parameter {opt._names[int(stray[0])]!r}."
         )
     # Masters exist exactly for low-precision (or sharded) weights: another dtype would lose the moments.
-    odd = [i for i, e in saved_state.items() if ("master" in e) != opt._needs_master(opt._names[int(i)])]
+    odd = [i for i, e in saved_state.items() if ("master" in e) != opt._block_masters.needs_master(opt._names[int(i)])]
     if odd:
         name = opt._names[int(odd[0])]
         has = "holds" if "master" in saved_state[odd[0]] else "lacks"
@@ -192,8 +192,8 @@ def load_state_dict(opt, state_dict: dict[str, Any]) -> None:
         for i, entry in saved_state.items():
             name = opt._names[int(i)]
             if "master" in entry:
-                opt._masters[name].copy_(entry["master"])
-    opt._store_masters()  # as after the step that wrote this checkpoint (mid-block: it had masters)
+                opt._block_masters.masters[name].copy_(entry["master"])
+    opt._block_masters.store()  # as after the step that wrote this checkpoint (mid-block: it had masters)
     # Let torch.optim place and cast the moments: rebuild the inner state dict in its own format.
     order = [opt._inner_tensor(n) for g in range(2) for n in opt._group_names(g)]
     position = {id(t): k for k, t in enumerate(order)}

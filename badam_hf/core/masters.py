@@ -1,81 +1,28 @@
-"""The functional core of mixed precision: fp32 masters for low-precision weights (or local shards).
+"""fp32 masters for low-precision weights (or local shards), and the active block's fp32 state.
 
-A sharded parameter (a DTensor, e.g. under FSDP2) holds this rank's shard; its master, moments and the
-gradient the inner optimizer sees are plain tensors over the local shard, so each rank keeps state for 1/N
-of the block. Nothing here knows which engine sharded the tensor.
+The functions and `MasterBuffer` are the functional core of mixed precision: masters over one buffer per
+block, written back into the weights, or held split as bf16 weight + 16 low bits between steps.
+`BlockMasters` is the state a `BlockOptimizer` keeps for its active block on top of them: the masters, the
+fp32 gradient buffer the backward accumulates into, and the hooks that put gradients there, with one
+teardown (`drop`). A sharded parameter's master is a plain tensor over its local shard (see `shards`).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+from torch.utils.hooks import RemovableHandle
 
-
-def is_sharded(param: torch.Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(param, DTensor)
-
-
-def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """The tensor this rank holds (a DTensor's local shard, which shares its storage), else `t` itself."""
-    return t.to_local() if is_sharded(t) else t
-
-
-# Which entries of a tensor a ratio-mode master mirrors: a slice of the flattened tensor, an index tensor, or
-# None for all of them (see `badam_hf.core.selection`).
-Selection = slice | torch.Tensor
-
-
-def selected(t: torch.Tensor, sel: Selection | None) -> torch.Tensor:
-    """The selected entries of `t` (its local shard): a view for a slice, a gathered copy for indices."""
-    t = local_shard(t)
-    if sel is None:
-        return t
-    flat = t.view(-1)
-    return flat[sel] if isinstance(sel, slice) else flat.index_select(0, sel)
-
-
-@torch.no_grad()
-def write_selected(t: torch.Tensor, sel: Selection | None, values: torch.Tensor) -> None:
-    """Write `values` (rounded to `t`'s dtype) into the selected entries of `t`."""
-    t = local_shard(t)
-    if sel is None:
-        t.copy_(values)
-    elif isinstance(sel, slice):
-        t.view(-1)[sel].copy_(values)
-    else:
-        t.view(-1)[sel] = values.to(t.dtype)
+from .rounding import SWITCH_STREAM, rounding_key, store_stochastic
+from .selection import GatheredMasters, selection_template
+from .shards import Selection, flat_like, is_sharded, local_shard, selected, write_selected  # noqa: F401
 
 
 def needs_master(param: torch.Tensor) -> bool:
     # A sharded tensor always gets a plain local master: the inner optimizer's state then stays per-rank plain
     # tensors, whatever the weights' dtype (for fp32 weights that costs 4 bytes per local active element).
     return param.dtype != torch.float32 or is_sharded(param)
-
-
-def flat_like(tensors: list[torch.Tensor], dtype=torch.float32, copy: bool = False) -> list[torch.Tensor]:
-    """Tensors of `dtype` shaped like `tensors` (their local shards), over one contiguous buffer per device.
-    One allocation per block instead of one per tensor: a switch frees it whole (nothing left behind for
-    the allocator to fragment), and its size is exactly the block's (local) elements x the dtype's bytes.
-    `copy` fills each with its tensor's values."""
-    locals_ = [local_shard(t.detach()) for t in tensors]
-    out: list[torch.Tensor | None] = [None] * len(locals_)
-    by_device: dict[torch.device, list[int]] = {}
-    for i, t in enumerate(locals_):
-        by_device.setdefault(t.device, []).append(i)
-    with torch.no_grad():
-        for device, idx in by_device.items():
-            storage = torch.empty(sum(locals_[i].numel() for i in idx), dtype=dtype, device=device).untyped_storage()
-            offset = 0
-            for i in idx:
-                n = locals_[i].numel()
-                # Tensors over the shared storage, not views of a base tensor: a view's `_base` would keep the
-                # whole buffer alive for as long as any one of them exists.
-                out[i] = torch.empty(0, dtype=dtype, device=device).set_(storage, offset, locals_[i].shape)
-                if copy:
-                    out[i].copy_(locals_[i])
-                offset += n
-    return out
 
 
 def make_flat_masters(params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -218,3 +165,211 @@ class MasterBuffer:
             return self.masters[i]
         return join_master(local_shard(self.params[i].detach()), self.lows[i],
                            torch.empty(self._shapes[i], dtype=torch.float32, device=self.lows[i].device))
+
+
+class BlockMasters:
+    """The fp32 state of a `BlockOptimizer`'s active block: the masters of its low-precision (or sharded, or
+    mode ratio's selected) parameters, the one fp32 gradient buffer the backward accumulates into, and the
+    post-accumulate-grad hooks that put gradients there. `drop(names)` is the one teardown, which every path
+    uses. It reads from the optimizer (`opt`) what changes as training goes: the parameters, the names
+    trained now, mode ratio's selections, and whether an engine drives the step (then no masters at all)."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.masters: dict[str, torch.Tensor] = {}  # name -> its fp32 master (a tensor of one of `buffers`)
+        self.buffers: list[MasterBuffer | GatheredMasters] = []  # who owns the masters' memory (per block / side)
+        self.grad_hooks: dict[str, RemovableHandle] = {}  # name -> the hook accumulating its grads in fp32
+        self.fp32_grads: dict[str, torch.Tensor] | None = None  # name -> fp32 gradient view, one buffer
+        self.buffered: set[str] = set()  # names whose fp32 gradient sits in the buffer, not yet on a master
+
+    def needs_master(self, name: str) -> bool:
+        # Mode ratio: the selected entries always get a plain fp32 copy (the inner optimizer's tensors).
+        opt = self.opt
+        return opt.driver is None and (name in opt._selections or needs_master(opt._params[name]))
+
+    # --- masters ---------------------------------------------------------------------------------------
+
+    def materialize(self) -> bool:
+        """Make the masters the trained parameters lack (one buffer for the block, one for the always-active
+        ones: theirs outlive the block's), then rebuild any held split. Returns whether any were made."""
+        opt = self.opt
+        missing = [n for n in opt._trainable if n not in self.masters and self.needs_master(n)]
+        if missing:
+            always = set(opt.partition.always_active)
+            gathered = [n for n in missing if torch.is_tensor(opt._selections.get(n))]
+            rest = [n for n in missing if n not in always and n not in set(gathered)]
+            for group in ([n for n in missing if n in always], rest):
+                if group:
+                    # A slice selection (mode ratio, adjacent) is a view of the weights: held like a weight.
+                    self._add(MasterBuffer(group, [selected(opt._params[n], opt._selections.get(n)) for n in group]))
+            if gathered:
+                self._add(GatheredMasters(gathered, [opt._params[n] for n in gathered],
+                                          [opt._selections[n] for n in gathered]))
+        self.join()
+        return bool(missing)
+
+    def _add(self, buf: MasterBuffer | GatheredMasters) -> None:
+        self.buffers.append(buf)
+        self.masters.update(zip(buf.names, buf.masters))
+
+    def join(self) -> None:
+        """Rebuild the masters held split (`split_masters`)."""
+        for buf in self.buffers:
+            buf.join()
+
+    def value(self, name: str) -> torch.Tensor:
+        """The fp32 master of `name` as a tensor with memory (a rebuilt copy while its buffer is split)."""
+        for buf in self.buffers:
+            if name in buf.names:
+                return buf.value(buf.names.index(name))
+        return self.masters[name]
+
+    def store(self, block_ends: bool = False, final: bool = False, step: int | None = None) -> None:
+        """Write the masters (rounded) into the weights. With `split_masters`, a bf16 buffer keeps only the
+        masters' low 16 bits until the next step, except at the block's last step (`block_ends`): the
+        block's masters are dropped right after it, so they are written with `switch_rounding` instead
+        (nearest: torch's rounding). At the last step of training (`final`) every master is written that way
+        under stochastic rounding (nearest keeps today's behaviour bit for bit). `step`: the steps done once
+        this write lands (the key of the stochastic rounding)."""
+        config, always = self.opt.config, set(self.opt.partition.always_active)
+        stochastic = config.switch_rounding == "stochastic"
+        for buf in self.buffers:
+            lives_on = not (final and stochastic) and (not block_ends or buf.names[0] in always)
+            if config.split_masters and buf.can_split and lives_on:
+                buf.split()
+            elif stochastic and not lives_on:
+                self._store_stochastic(buf, step)
+            else:
+                buf.store()
+
+    def _store_stochastic(self, buf: MasterBuffer | GatheredMasters, step: int) -> None:
+        """Write `buf`'s masters into their weights for the last time, rounded stochastically; the noise is a
+        pure function of (seed, step, parameter index, position in the whole tensor)."""
+        opt = self.opt
+        for name, master in zip(buf.names, buf.masters):
+            key = rounding_key(opt.config.schedule.seed, step, opt._index[name], SWITCH_STREAM)
+            store_stochastic(opt._params[name], master, opt._selections.get(name), key)
+            master.grad = None
+
+    def nbytes(self) -> int:
+        return sum(buf.nbytes() for buf in self.buffers)
+
+    # --- gradients -------------------------------------------------------------------------------------
+
+    def attach_grads(self) -> None:
+        """Hang the fp32 gradients accumulated so far on their masters (what the step and clipping use)."""
+        for name in self.buffered:
+            master = self.masters[name]
+            if master.grad is None:
+                master.grad = self.fp32_grads[name]
+        self.buffered.clear()
+
+    def take_param_grads(self) -> None:
+        """Gradients still on the parameters (bf16 accumulation, or what an engine reduced) join the fp32 ones."""
+        opt = self.opt
+        names = [n for n in opt._trainable if n in self.masters]
+        params = [opt._params[n] for n in names]
+        if any(p.grad is not None for p in params):
+            grads_to_masters(params, [self.masters[n] for n in names], [self.grad_slot(n) for n in names],
+                             [opt._selections.get(n) for n in names])
+
+    def grads(self) -> dict[str, torch.Tensor]:
+        """Name -> the fp32 gradient accumulated so far (in the buffer or on the master)."""
+        out = {n: self.fp32_grads[n] for n in self.buffered} if self.fp32_grads is not None else {}
+        out.update({n: m.grad for n, m in self.masters.items() if m.grad is not None})
+        return out
+
+    def grad_slot(self, name: str) -> torch.Tensor:
+        """The fp32 gradient view of `name`'s master: all of them live in one buffer, made at the first
+        gradient after a step and freed at the next step."""
+        if self.fp32_grads is None:
+            opt = self.opt
+            names = [n for n in opt._trainable if self.needs_master(n)]
+            templates = [selection_template(opt._params[n], opt._selections.get(n)) for n in names]
+            self.fp32_grads = dict(zip(names, flat_like(templates)))
+        return self.fp32_grads[name]
+
+    def grad_nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in (self.fp32_grads or {}).values())
+
+    def drop_grads(self, split: bool = False) -> None:
+        """Drop every fp32 gradient: the masters' and the buffer. `split`: and hold the masters split again
+        where `split_masters` allows (a skipped step: the weights are rewritten with the bits they hold)."""
+        for buf in self.buffers:
+            for m in buf.masters:
+                m.grad = None
+            if split and self.opt.config.split_masters and buf.can_split:
+                buf.split()
+        self.drop_grad_buffer()
+
+    def drop_grad_buffer(self) -> None:
+        self.fp32_grads = None
+        self.buffered.clear()
+
+    def zero_grads(self, set_to_none: bool) -> None:
+        for master in self.masters.values():
+            if master.grad is not None:
+                if set_to_none:
+                    master.grad = None
+                else:
+                    master.grad.zero_()
+        if set_to_none:
+            self.drop_grad_buffer()
+        elif self.fp32_grads is not None:
+            for view in self.fp32_grads.values():
+                view.zero_()
+
+    # --- gradients straight into fp32, in the backward ---------------------------------------------------
+
+    def hook_grads(self, names: list[str]) -> None:
+        """Accumulate the gradients of `names` in fp32 (those with a master, unless an engine assigns them)."""
+        for name in names:
+            if name not in self.grad_hooks and self.accumulates_in_fp32(name):
+                self.grad_hooks[name] = self.opt._params[name].register_post_accumulate_grad_hook(
+                    functools.partial(self.accumulate_grad, name))
+
+    def accumulates_in_fp32(self, name: str) -> bool:
+        # Sharded parameters (FSDP2) get their reduced gradient assigned by the engine, not accumulated by
+        # autograd; a driving engine (ZeRO-3) owns the gradients. Both keep their own path.
+        opt = self.opt
+        return opt.config.fp32_grad_accumulation and self.needs_master(name) and not is_sharded(opt._params[name])
+
+    @torch.no_grad()
+    def accumulate_grad(self, name: str, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: add the gradient autograd just left on `p` to its fp32 gradient."""
+        if p.grad is None:
+            return
+        master = self.masters.get(name)
+        acc = master.grad if master is not None and master.grad is not None else (
+            self.fp32_grads[name] if name in self.buffered else None)
+        keep = self.opt._engine_keeps_grads()
+        if keep and acc is None:
+            return  # nothing accumulated in fp32: the engine reduces the gradient as autograd made it
+        sel = self.opt._selections.get(name)
+        g = selected(p.grad, sel)  # mode ratio: only the selected entries go up to fp32
+        if acc is None:
+            acc = self.grad_slot(name).copy_(g)
+            self.buffered.add(name)
+        else:
+            acc.add_(g)
+        if keep:
+            # The engine reduces p.grad in this backward (DDP's sync pass): hand it the whole sum, rounded once.
+            write_selected(p.grad, sel, acc)
+            self.buffered.discard(name)
+            if master is not None:
+                master.grad = None
+        else:
+            p.grad = None
+
+    # --- the one teardown --------------------------------------------------------------------------------
+
+    def drop(self, names: list[str]) -> None:
+        """Forget the masters and fp32-gradient hooks of `names` (their buffers go with the last of their
+        masters), and the block's fp32 gradient buffer."""
+        for name in names:
+            self.masters.pop(name, None)
+            handle = self.grad_hooks.pop(name, None)
+            if handle is not None:
+                handle.remove()
+        self.buffers = [b for b in self.buffers if all(n in self.masters for n in b.names)]
+        self.drop_grad_buffer()

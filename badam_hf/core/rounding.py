@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .masters import Selection, local_shard, write_selected
+from .shards import Selection, local_shard, write_selected
 from .schedule import period_seed
 
 

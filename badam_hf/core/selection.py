@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .masters import Selection, flat_like, local_shard, selected, write_selected
+from .shards import Selection, flat_like, local_shard, selected, write_selected
 from .schedule import period_seed
 
 def selection_size(numel: int, ratio: float) -> int:
@@ -51,7 +51,7 @@ def select_entries(numel: int, ratio: float, mask_mode: str, seed: int, period: 
 def local_range(param: torch.Tensor) -> tuple[int, int]:
     """(first flat index, element count) of this rank's shard of `param` within the whole flattened tensor;
     (0, numel) for a plain tensor. FSDP2 shards row-wise (dim 0), so the local shard is one flat range."""
-    from .masters import is_sharded
+    from .shards import is_sharded
 
     if not is_sharded(param):
         return 0, param.numel()
@@ -80,6 +80,21 @@ def localize(sel: Selection, start: int, count: int, numel: int) -> Selection:
         return slice(a - start, max(a, b) - start)
     keep = (sel >= start) & (sel < start + count)
     return (sel[keep] - start).to(sel.dtype)
+
+
+def period_selections(params: dict[str, torch.Tensor], index: dict[str, int], update_ratio: float,
+                      mask_mode: str, seed: int, period: int) -> dict[str, Selection]:
+    """Name -> the entries of `params[name]` (parameter number `index[name]`) trained in `period`, cut to this
+    rank's shard. Drawn over the whole tensor, then cut (FSDP2): the masks do not depend on the number of
+    ranks, and a sharded run trains the entries one process would."""
+    out = {}
+    for name, param in params.items():
+        p = param.detach()
+        start, count = local_range(p)
+        whole = select_entries(p.numel(), update_ratio, mask_mode, seed, period, index[name],
+                               device=local_shard(p).device)
+        out[name] = localize(whole, start, count, p.numel())
+    return out
 
 
 def selection_template(param: torch.Tensor, sel: Selection | None) -> torch.Tensor:

@@ -399,12 +399,12 @@ def _model_labels(model, out: dict) -> None:
 
 
 def _badam_labels(opt, out: dict) -> None:
-    _keys((opt._fp32_grads or {}).values(), "fp32 gradients", out)
-    for m in opt._masters.values():
+    _keys((opt._block_masters.fp32_grads or {}).values(), "fp32 gradients", out)
+    for m in opt._block_masters.masters.values():
         _keys([m.grad], "fp32 gradients", out)
         if m.numel():
             _keys([m], "masters", out)
-    for buf in opt._master_buffers:
+    for buf in opt._block_masters.buffers:
         _keys(buf.lows or [], "low halves", out)
     _keys((v for st in opt.inner.state.values() for v in st.values() if torch.is_tensor(v)), "moments", out)
 

@@ -1,0 +1,102 @@
+"""BREAD's inactive update: a stateless step (sgd or signsgd) for the parameters Adam does not train in the
+current block, taken inside the backward as each one's gradient is complete (`inactive_update`).
+
+No moments and no masters: the gradient is applied and freed at once, so the frozen layers cost no memory
+beyond the backward's. Under gradient accumulation the step waits for the last micro-batch's backward (see
+`BlockOptimizer.register_boundary_check`); gradients still waiting at `step()` are applied there.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch.utils.hooks import RemovableHandle
+
+from .rounding import INACTIVE_STREAM, global_start, rounding_key, stochastic_add_
+from .shards import local_shard
+
+
+class InactiveUpdate:
+    """The inactive update of one `BlockOptimizer` (`opt`): which parameters take it (`names`) and the hooks
+    that take it. `follow(active)` re-targets it at each (re)activation; without `inactive_update` it holds
+    nothing."""
+
+    def __init__(self, opt):
+        self.opt = opt
+        self.names: list[str] = []  # frozen-for-Adam names that take the step in the current block
+        self.hooks: dict[str, RemovableHandle] = {}  # name -> its post-accumulate-grad hook
+
+    def follow(self, active: list[str]) -> None:
+        """Take the step on what the active names `active` leave (within `inactive_scope`)."""
+        self.set(self.scope(active) if self.opt.config.inactive.enabled else [])
+
+    def scope(self, active: list[str]) -> list[str]:
+        """`inactive_scope=all`: every other parameter. `above`: those whose backward runs anyway, i.e. at or
+        above the lowest active position (input side < layers 0..L-1 < output side), so the truncation holds."""
+        active_set = set(active)
+        rest = [n for n in self.opt._names if n not in active_set]
+        if self.opt.config.inactive.inactive_scope == "all":
+            return rest
+        part = self.opt.partition
+        top = len(part.stacks[0].layers) if part.stacks else 0
+
+        def position(name: str) -> int:
+            if name in part.input_side:
+                return -1
+            return part.layer_of.get(name, top)
+
+        lowest = min((position(n) for n in active), default=top)
+        return [n for n in rest if position(n) >= lowest]
+
+    def set(self, names: list[str]) -> None:
+        """Hook exactly `names`; a name that leaves is frozen again (unless the inner optimizer trains it)."""
+        params, keep = self.opt._params, set(names)
+        for name in list(self.hooks):
+            if name not in keep:
+                self.hooks.pop(name).remove()
+                params[name].grad = None
+                if name not in self.opt._trainable:
+                    params[name].requires_grad_(False)
+        self.names = list(names)
+        for name in names:
+            p = params[name]
+            p.requires_grad_(True)
+            if name not in self.hooks:
+                self.hooks[name] = p.register_post_accumulate_grad_hook(functools.partial(self.grad_hook, name))
+
+    def forget_hooks(self) -> None:
+        """The parameters were replaced (their hooks went with them): hook the new ones at the next `set`."""
+        self.hooks.clear()
+
+    def grad_hook(self, name: str, p: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: in the last micro-batch's backward, take the step on the whole accumulated
+        gradient and free it (earlier micro-batches leave it accumulating)."""
+        if p.grad is not None and self.opt._at_boundary():
+            self.step(name, p)
+
+    @torch.no_grad()
+    def step(self, name: str, p: torch.Tensor) -> None:
+        opt, cfg = self.opt, self.opt.config.inactive
+        # The lr the step about to happen uses (LR schedulers move the outer groups after each step).
+        lr = opt.param_groups[0 if name in opt._decay_names else 1]["lr"] * cfg.inactive_lr_scale
+        g = p.grad
+        p.grad = None
+        g = g.sign_() if cfg.inactive_update == "signsgd" else g
+        if cfg.inactive_rounding == "stochastic" and p.dtype == torch.bfloat16:
+            # The step in fp32, rounded at random: an update below half a bf16 ulp survives in expectation.
+            key = rounding_key(opt.config.schedule.seed, opt.global_step + 1, opt._index[name], INACTIVE_STREAM)
+            stochastic_add_(local_shard(p), local_shard(g), -lr, key, start=global_start(p))
+        else:
+            p.add_(g, alpha=-lr)
+
+    def apply_waiting(self) -> None:
+        """Take the step on the gradients still waiting (a backward that was not the boundary)."""
+        for name in self.names:
+            p = self.opt._params[name]
+            if p.grad is not None:
+                self.step(name, p)
+
+    def drop_grads(self) -> None:
+        for name in self.names:
+            self.opt._params[name].grad = None
