@@ -428,7 +428,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         under stochastic rounding (nearest keeps today's behaviour bit for bit). `step`: the steps done once
         this write lands (the key of the stochastic rounding)."""
         always = set(self.partition.always_active)
-        stochastic = self.config.switch_rounding == "stochastic"
+        stochastic = self.config.stochastic_switch
         for buf in self._master_buffers:
             lives_on = not (final and stochastic) and (not block_ends or buf.names[0] in always)
             if self.config.split_masters and buf.can_split and lives_on:
@@ -452,7 +452,7 @@ class BlockOptimizer(torch.optim.Optimizer):
         block's, the always-active ones') into the weights as a block's last step does. Nothing to do with
         nearest, or when the last step was `total_steps` (it did this already). Training may go on after it:
         the masters stay whole and exact. The Trainer callback calls it at the end of `train()`."""
-        if (self.config.switch_rounding != "stochastic" or self._driver is not None
+        if (not self.config.stochastic_switch or self._driver is not None
                 or self._finished_at == self.global_step or not self._master_buffers):
             return
         for buf in self._master_buffers:
