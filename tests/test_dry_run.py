@@ -45,7 +45,8 @@ def test_badam_modes_meta_equals_cpu_to_the_byte(badam):
 
 def test_badam_layer_mode_holds_what_it_should_at_its_peaks():
     # The model's own loss (chunked_loss=false): the full logits' fp32 tensors are the later step's peak.
-    res = run_method(llama_setting(switch_every=2, chunked_loss=False), "badam", "meta")
+    # Nearest rounding at the switch: the stochastic one's temporaries are the test below.
+    res = run_method(llama_setting(switch_every=2, chunked_loss=False, switch_rounding="nearest"), "badam", "meta")
     first, later = res["steps"]
     h, i, kv = 64, 128, 32
     layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # one decoder layer's parameters: the active block
@@ -62,12 +63,25 @@ def test_badam_layer_mode_holds_what_it_should_at_its_peaks():
 
 
 def test_chunked_loss_removes_the_full_logits_from_the_later_step():
-    own = run_method(llama_setting(switch_every=2, chunked_loss=False), "badam", "meta")["steps"][1]
-    chunked = run_method(llama_setting(switch_every=2, loss_chunk_tokens=16), "badam", "meta")["steps"][1]
+    own = run_method(llama_setting(switch_every=2, chunked_loss=False, switch_rounding="nearest"), "badam",
+                     "meta")["steps"][1]
+    chunked = run_method(llama_setting(switch_every=2, loss_chunk_tokens=16, switch_rounding="nearest"), "badam",
+                         "meta")["steps"][1]
     one_fp32_logits = 4 * 2 * 32 * 512  # batch x seq x vocab x 4 bytes
     assert chunked["peak_bytes"] < own["peak_bytes"]
     assert chunked["alive_at_peak"].get("loss temporaries", 0) < one_fp32_logits
     assert same_on_meta_and_cpu(llama_setting(switch_every=2, loss_chunk_tokens=16), "badam")
+
+
+def test_stochastic_switch_rounding_is_counted_like_cpu_and_adds_only_its_temporaries():
+    """The default (switch_rounding=auto: stochastic) writes the block's last masters through int64 temporaries
+    at the switch; the dry run counts them as the CPU does, and they are all the switch step adds."""
+    near = run_method(llama_setting(switch_every=2, switch_rounding="nearest"), "badam", "meta")["steps"][1]
+    auto = same_on_meta_and_cpu(llama_setting(switch_every=2), "badam")["steps"][1]
+    h, i = 64, 128
+    largest = h * i  # the block's largest tensor (an MLP matrix): the rounding works one tensor at a time
+    extra = auto["peak_bytes"] - near["peak_bytes"]
+    assert 0 < extra <= 8 * 8 * largest, extra
 
 
 @pytest.mark.parametrize("method", ["adamw", "lora"])

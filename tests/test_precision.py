@@ -35,7 +35,9 @@ def test_bf16_masters_match_fp32_adamw_reference(tiny_llama):
     masters during backward: no bf16 gradient is left on the weights."""
     K, lr, wd = 3, 1e-3, 0.1
     model = tiny_llama(dtype=torch.bfloat16)
-    opt = BlockOptimizer(model, lr=lr, weight_decay=wd, switch_every=K, switch_mode="ascending")
+    # nearest: the weights are the masters rounded to nearest, also at the switch (stochastic: test_rounding)
+    opt = BlockOptimizer(model, lr=lr, weight_decay=wd, switch_every=K, switch_mode="ascending",
+                         switch_rounding="nearest")
     params = dict(model.named_parameters())
     decay = set(Trainer.get_decay_parameter_names(None, model))
     step = 0

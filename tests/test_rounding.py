@@ -187,10 +187,12 @@ def test_stochastic_applies_only_where_the_masters_are_dropped(tiny_llama, mode)
         assert p.shape == sto[2][n].shape
 
 
-def test_nearest_is_the_default_and_leaves_the_trajectory_unchanged(tiny_llama):
-    """The default config is nearest, and naming it changes nothing (the rest of the suite pins that
-    trajectory); total_steps and finish() add nothing under nearest."""
-    assert BAdamConfig().switch_rounding == "nearest" and BAdamConfig().inactive.inactive_rounding == "nearest"
+def test_auto_is_the_default_and_rounds_stochastically(tiny_llama):
+    """The default is switch_rounding=auto, which is stochastic where the optimizer writes the masters itself
+    (bit for bit), and differs from nearest; BREAD's inactive_rounding stays nearest by default. Naming nearest
+    gives the authors' rounding (the parity tests pin that trajectory against their package)."""
+    assert BAdamConfig().switch_rounding == "auto" and BAdamConfig().inactive.inactive_rounding == "nearest"
+    assert BAdamConfig().stochastic_switch and not BAdamConfig(switch_rounding="nearest").stochastic_switch
 
     def run(**kw):
         model = tiny_llama(dtype=torch.bfloat16, seed=0)
@@ -206,8 +208,10 @@ def test_nearest_is_the_default_and_leaves_the_trajectory_unchanged(tiny_llama):
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     default = run()
-    named = run(switch_rounding="nearest", inactive_rounding="nearest")
+    named = run(switch_rounding="stochastic", inactive_rounding="nearest")
     assert all(torch.equal(default[n], named[n]) for n in default)
+    nearest = run(switch_rounding="nearest")
+    assert not all(torch.equal(default[n], nearest[n]) for n in default)
 
 
 def test_the_last_step_of_training_rounds_every_live_master(tiny_llama):
@@ -346,7 +350,7 @@ def test_bread_stochastic_moves_weights_that_nearest_leaves(tiny_llama):
 
 
 @pytest.mark.parametrize("args, message", [
-    ("switch_rounding=up", r"switch_rounding='up' is not valid; choose one of 'nearest', 'stochastic'"),
+    ("switch_rounding=up", r"switch_rounding='up' is not valid; choose one of 'auto', 'nearest', 'stochastic'"),
     ("inactive_update=sgd,inactive_rounding=floor",
      r"inactive_rounding='floor' is not valid; choose one of 'nearest', 'stochastic'"),
     ("inactive_rounding=stochastic", r"inactive_rounding configure inactive_update, which is 'none'"),
@@ -359,6 +363,7 @@ def test_bad_values_are_refused_with_the_choices(args, message):
 def test_zero3_refuses_stochastic_switch_rounding(tiny_llama):
     from badam_hf.engines.common import check_mode_supported
 
+    check_mode_supported(BlockOptimizer(tiny_llama()), "DeepSpeed ZeRO-3")  # auto: nearest there, accepted
     opt = BlockOptimizer(tiny_llama(), switch_rounding="stochastic")
     check_mode_supported(opt, "FSDP2")
     with pytest.raises(DistributedSetupError, match=r"switch_rounding='stochastic' is not supported under DeepSpeed"):

@@ -35,6 +35,7 @@ MaskMode = Literal["adjacent", "scatter"]
 InactiveUpdate = Literal["none", "sgd", "signsgd"]
 InactiveScope = Literal["above", "all"]
 Rounding = Literal["nearest", "stochastic"]
+SwitchRounding = Literal["auto", "nearest", "stochastic"]
 GRANULARITIES = typing.get_args(Granularity)
 VLM_FIELDS = ("include_vision", "include_projector")  # PartitionConfig's vision-language switches
 SWITCH_MODES = typing.get_args(SwitchMode)
@@ -449,11 +450,13 @@ class BAdamConfig:
         "master rounded to nearest with ties toward zero (torch breaks ties to even: they differ about once in "
         "65536 roundings, both half an ulp away). `false` keeps the fp32 masters whole."
     )})
-    switch_rounding: Rounding = field(default="nearest", metadata={"help": (
+    switch_rounding: SwitchRounding = field(default="auto", metadata={"help": (
         "how a block's fp32 masters are rounded into the bf16 weights the last time, when they are dropped (block "
-        "switch, LISA layers leaving the sample, a ratio period ending, the last step of training): `nearest`, or "
-        "`stochastic` (up or down at random with the probabilities that keep the expected value, so updates below "
-        "half a bf16 ulp survive on average). Between the steps of a visit the masters stay exact either way."
+        "switch, LISA layers leaving the sample, a ratio period ending, the last step of training): `stochastic` "
+        "(up or down at random with the probabilities that keep the expected value, so updates below half a bf16 "
+        "ulp survive on average), `nearest` (the authors' package's behaviour), or `auto`: stochastic wherever "
+        "badam_hf writes the masters (one process, DDP, FSDP2), nearest under DeepSpeed ZeRO-3, which writes them "
+        "itself. Between the steps of a visit the masters stay exact either way."
     )})
     chunked_loss: bool = field(default=True, metadata={"help": (
         "compute a causal LM's training loss in chunks of `loss_chunk_tokens` labelled tokens, so the batch's "
@@ -532,6 +535,11 @@ class BAdamConfig:
                 f"inactive_update={self.inactive.inactive_update!r} updates the layers that are not active, and "
                 "mode='ratio' has none (every matrix trains a part of its entries); use it with mode=layer or lisa."
             )
+
+    @property
+    def stochastic_switch(self) -> bool:
+        """Whether badam_hf's own write of a block's last masters rounds stochastically (`auto` included)."""
+        return self.switch_rounding != "nearest"
 
     @property
     def inner_optimizer_cls(self) -> type[torch.optim.Optimizer]:

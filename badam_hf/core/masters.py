@@ -232,7 +232,7 @@ class BlockMasters:
         under stochastic rounding (nearest keeps today's behaviour bit for bit). `step`: the steps done once
         this write lands (the key of the stochastic rounding)."""
         config, always = self.opt.config, set(self.opt.partition.always_active)
-        stochastic = config.switch_rounding == "stochastic"
+        stochastic = config.stochastic_switch
         for buf in self.buffers:
             lives_on = not (final and stochastic) and (not block_ends or buf.names[0] in always)
             if config.split_masters and buf.can_split and lives_on:

@@ -196,11 +196,11 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
         self._activate(self.schedule.active_at(self.global_step), fresh=True)
 
     def finish(self) -> None:
-        """End of training: with `switch_rounding=stochastic`, write the masters still alive (the current
+        """End of training: with stochastic switch rounding (`auto`, `stochastic`), write the masters still alive (the current
         block's, the always-active ones') into the weights as a block's last step does. Nothing to do with
         nearest, or when the last step was `total_steps` (it did this already). Training may go on after it:
         the masters stay whole and exact. The Trainer callback calls it at the end of `train()`."""
-        if (self.config.switch_rounding != "stochastic" or self._driver is not None
+        if (not self.config.stochastic_switch or self._driver is not None
                 or self._finished_at == self.global_step or not self._block_masters.buffers):
             return
         self._block_masters.join()

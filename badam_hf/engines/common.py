@@ -171,10 +171,11 @@ def check_mode_supported(opt, engine: str) -> None:
             "layers take their step inside the backward, from this rank's own gradient, before any all-reduce, so "
             "the replicas would drift apart. Train with inactive_update=none, or in one process."
         )
-    if engine.startswith("DeepSpeed") and opt.config.switch_rounding != "nearest":
+    if engine.startswith("DeepSpeed") and opt.config.switch_rounding == "stochastic":
         raise DistributedSetupError(
             f"switch_rounding={opt.config.switch_rounding!r} is not supported under DeepSpeed ZeRO-3 (ZeRO-3 owns the "
-            "fp32 masters and writes them into the weights itself); use switch_rounding=nearest there, or DDP / FSDP2."
+            "fp32 masters and writes them into the weights itself); use switch_rounding=auto or nearest there (both round "
+            "to nearest under ZeRO-3), or DDP / FSDP2."
         )
     if engine.startswith("DeepSpeed") and opt.mode != "layer":
         raise DistributedSetupError(
