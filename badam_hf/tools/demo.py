@@ -71,7 +71,7 @@ def _train_one(method: str, job: dict) -> dict:
 
         def on_step_end(self, args, state, control, optimizer=None, **kwargs):
             if optimizer is not None:
-                peak_state["bytes"] = max(peak_state["bytes"], optimizer_state_bytes(optimizer))
+                note_state(optimizer_state_bytes(optimizer))
 
     # Nothing is saved (save_strategy="no"); the Trainer still wants a folder, so give it a throwaway one.
     scratch = tempfile.TemporaryDirectory(prefix=f"badam_demo_{method}_")
