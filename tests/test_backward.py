@@ -6,6 +6,7 @@ and the backward pass must stop at the lowest active layer.
 """
 
 import copy
+import functools
 import warnings
 
 import pytest
@@ -14,6 +15,7 @@ from transformers import RobertaForSequenceClassification
 
 from badam_hf import BlockOptimizer
 from badam_hf.core import backward_truncation
+from badam_hf.core.hf_features import enable_activation_checkpointing
 
 VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 MODES = [None, "non_reentrant", "reentrant"]  # None: no checkpointing
@@ -58,7 +60,7 @@ def loss_of(model, batch):
 
 def enable_gc(model, mode):
     if mode is not None:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+        enable_activation_checkpointing(model, use_reentrant=mode == "reentrant")
 
 
 def reference_grads(model, batch):
@@ -245,6 +247,46 @@ def test_reentrant_checkpointing_without_the_fix_gives_the_active_layer_no_gradi
     opt = BlockOptimizer(fixed, switch_every=3, switch_mode="ascending", start_block=2)
     loss_of(fixed, batch).backward()
     check_grads(fixed, opt, batch, ref)
+
+
+def _checkpoint_whole_call(monkeypatch, layer_cls):
+    """Make `layer_cls` checkpoint its whole `__call__`, as transformers 5.18's GradientCheckpointingLayer does
+    (its forward pre-hooks then run inside the checkpoint); newer releases checkpoint `forward` only."""
+    monkeypatch.setattr(layer_cls, "forward", getattr(layer_cls.forward, "__wrapped__", layer_cls.forward))
+
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training:
+            return self._gradient_checkpointing_func(functools.partial(torch.nn.Module.__call__, self, **kwargs), *args)
+        return torch.nn.Module.__call__(self, *args, **kwargs)
+
+    monkeypatch.setattr(layer_cls, "__call__", __call__)
+
+
+@pytest.mark.parametrize("order", ["gc_before_optimizer", "gc_after_optimizer"])
+@pytest.mark.parametrize("wrapped", [True, False])
+def test_layers_that_checkpoint_their_whole_call_still_get_the_exact_gradient(monkeypatch, tiny_llama, wrapped,
+                                                                             order):
+    """Where the pre-hooks run inside the reentrant checkpoint (transformers 5.18), the cut must be made on
+    the checkpoint's inputs: without that (`wrapped=False`) the active layer gets no gradient at all."""
+    model = tiny_llama(layers=4, **LLAMA)
+    batch = make_batch(model)
+    ref = reference_grads(model, batch)
+    _checkpoint_whole_call(monkeypatch, type(model.model.layers[0]))
+    monkeypatch.setattr(backward_truncation, "layer_hooks_run_inside_checkpoint", lambda: wrapped)
+    if order == "gc_before_optimizer":
+        enable_gc(model, "reentrant")
+    opt = BlockOptimizer(model, switch_every=3, switch_mode="ascending", start_block=2, lr=1e-3)
+    if order == "gc_after_optimizer":
+        enable_gc(model, "reentrant")  # new checkpoint functions: wrapped again before the next forward
+    counter = BackwardCounter(model)
+    loss_of(model, batch).backward()
+    if not wrapped:
+        assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("model.layers.2."))
+        return
+    check_grads(model, opt, batch, ref)
+    assert counter.ran_backward(4) == [0, 0, 1, 1]
+    opt.truncation.remove()  # the layers get their own checkpoint functions back
+    assert not any(hasattr(layer._gradient_checkpointing_func, "_badam_checkpoint") for layer in model.model.layers)
 
 
 def test_reentrant_without_the_fix_on_a_causal_lm_has_nothing_to_backward(monkeypatch, tiny_llama):

@@ -19,6 +19,7 @@ import torch
 from tiny_multimodal import seq2seq_batch, tiny_seq2seq
 
 from badam_hf import BlockOptimizer
+from badam_hf.core.hf_features import enable_activation_checkpointing
 from badam_hf.core.partition import partition_model
 
 STACKS = {"t5": ("encoder.block", "decoder.block"), "bart": ("model.encoder.layers", "model.decoder.layers")}
@@ -77,7 +78,7 @@ def test_each_stack_is_cut_at_its_lowest_active_layer(family, side, mode):
     ref = copy.deepcopy(model)
     loss_of(ref, batch).backward()
     if mode is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+        enable_activation_checkpointing(model, use_reentrant=mode == "reentrant")
     enc, dec = STACKS[family]
     start = {"encoder": 1, "decoder": 4}[side]  # layer 1 of that stack
     opt = BlockOptimizer(model, switch_every=3, switch_mode="ascending", start_block=start)

@@ -120,7 +120,8 @@ def test_import_fails_loudly_when_a_target_is_gone():
     assert patches.TESTED_VERSIONS in last
 
 
-def _pins() -> dict[str, str]:
+def _specs() -> dict[str, str]:
+    """Distribution -> its version specifier in pyproject.toml (dependencies and extras)."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     specs = list(project["dependencies"]) + [s for v in project["optional-dependencies"].values() for s in v]
     found = {}
@@ -135,17 +136,36 @@ def _version(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in re.match(r"[0-9]+(?:\.[0-9]+)*", text).group(0).split("."))
 
 
-def test_pyproject_pins_tested_ranges_that_hold_the_installed_versions():
-    pins = _pins()
-    assert set(pins) == set(PINNED)
-    for dist, spec in pins.items():
-        bounds = dict(re.findall(r"(>=|<)([0-9.]+)", spec))
-        assert set(bounds) == {">=", "<"}, f"{dist}{spec} needs a lower and an upper bound"
-        installed = _version(importlib.metadata.version(dist))
-        assert _version(bounds[">="]) <= installed < _version(bounds["<"]), (dist, spec, installed)
-        # The error message names the same tested range, from its lower bound.
-        assert re.search(rf"\b{dist} {re.escape(bounds['>='])}\b", patches.TESTED_VERSIONS), dist
-    # The install hint in the error message is the pin itself.
-    for pin in patches.PINS:
-        dist = re.match(r"[a-z]+", pin).group(0)
-        assert pin == dist + pins[dist]
+def _clauses(spec: str) -> list[tuple[str, str]]:
+    return [re.fullmatch(r"(>=|<=|==|!=|~=|<|>)([0-9][0-9a-z.*]*)", c).groups() for c in spec.split(",") if c]
+
+
+def test_pyproject_has_lower_bounds_only_and_they_hold_the_installed_versions():
+    """A plugin must not block the releases a user's other packages bring: a lower bound, exclusions of broken
+    releases (!=), and nothing that caps a future release."""
+    specs = _specs()
+    assert set(specs) == set(PINNED)
+    for dist, spec in specs.items():
+        ops = [op for op, _ in _clauses(spec)]
+        assert ops.count(">=") == 1, f"{dist}{spec} needs exactly one lower bound (>=)"
+        assert set(ops) <= {">=", "!="}, f"{dist}{spec}: only a lower bound and != exclusions; no cap"
+        lower = dict(_clauses(spec))[">="]
+        installed = importlib.metadata.version(dist)
+        assert _version(lower) <= _version(installed), (dist, spec, installed)
+        excluded = [v for op, v in _clauses(spec) if op == "!="]
+        assert installed not in excluded, (dist, spec, installed)
+        # The tested range starts at the lower bound (the oldest end `make compat` builds).
+        assert re.search(rf"\b{dist} {re.escape(lower)}-", patches.TESTED_VERSIONS), (dist, lower)
+    # The error message's supported ranges are pyproject's.
+    assert patches.SUPPORTED == tuple(f"{d}{specs[d]}" for d in ("transformers", "accelerate"))
+    # Its install hint names the newest tested release of each.
+    for hint in patches.NEWEST_TESTED:
+        dist, version = re.fullmatch(r"([a-z]+)==([0-9.]+)\.\*", hint).groups()
+        assert re.search(rf"\b{dist} [0-9.]+-{re.escape(version)}\b", patches.TESTED_VERSIONS), hint
+
+
+def test_the_policy_check_rejects_a_cap():
+    # The parser the policy test relies on sees every kind of cap.
+    assert [op for op, _ in _clauses(">=5.18,<5.25")] == [">=", "<"]
+    assert [op for op, _ in _clauses("==5.24.*")] == ["=="]
+    assert [op for op, _ in _clauses(">=5.18,!=5.20.0")] == [">=", "!="]

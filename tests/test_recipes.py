@@ -3,12 +3,15 @@ optimizer steps on a tiny config-built model and a small local file in the recip
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from transformers import TrainingArguments
 
 from badam_hf import recipes as R
+from badam_hf.core.hf_features import checkpointing_field
 from badam_hf.recipes import RecipeError, load_recipe
 
 SHIPPED = R.shipped_recipes()
@@ -127,7 +130,7 @@ def test_shipped_hyperparameters_follow_the_paper():
     l2 = load_recipe("llama2-7b-alpaca-gpt4")
     assert (l2.training["learning_rate"], l2.training["lr_scheduler_type"], l2.training["weight_decay"]) == (1e-5, "cosine", 0.01)
     assert (l2.training["per_device_train_batch_size"], l2.training["gradient_accumulation_steps"]) == (2, 8)
-    assert l2.training["bf16"] and l2.training["gradient_checkpointing"] and l2.training["num_train_epochs"] == 3
+    assert l2.training["bf16"] and l2.training[checkpointing_field()] and l2.training["num_train_epochs"] == 3
     assert (l2.badam.schedule.switch_every, l2.badam.schedule.switch_mode) == (100, "random")
     assert load_recipe("llama3-8b-alpaca-gpt4").training["learning_rate"] == 1e-6
     assert load_recipe("llama3-8b-mathinstruct").data["dataset"] == "TIGER-Lab/MathInstruct"
@@ -256,6 +259,31 @@ def test_bad_recipes_name_key_and_file(tmp_path, overrides, pattern):
     with pytest.raises(RecipeError, match=pattern) as err:
         load_recipe(p, overrides)
     assert str(p) in str(err.value)
+
+
+@pytest.mark.parametrize("name", ["gradient_checkpointing", "activation_checkpointing"])
+def test_either_checkpointing_name_turns_it_on_under_the_installed_name(tmp_path, name):
+    # transformers 5.18 knows only gradient_checkpointing; newer releases prefer activation_checkpointing and
+    # warn that the old name goes away. A recipe may use either: it reaches TrainingArguments under the name
+    # the installed release prefers, with its _kwargs twin.
+    p = _write(tmp_path, BASE)
+    r = load_recipe(p, [f"training.{name}=true", f"training.{name}_kwargs={{use_reentrant: false}}"])
+    field = checkpointing_field()
+    other = ({"gradient_checkpointing", "activation_checkpointing"} - {field}).pop()
+    assert r.training[field] is True and r.training[field + "_kwargs"] == {"use_reentrant": False}
+    assert other not in r.training and other + "_kwargs" not in r.training
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # no deprecated name reaches TrainingArguments
+        args = TrainingArguments(**{**r.training, "use_cpu": True})
+    assert getattr(args, field) is True
+
+
+def test_two_names_of_the_checkpointing_setting_must_agree(tmp_path):
+    p = _write(tmp_path, BASE)
+    with pytest.raises(RecipeError, match=r"contradicts another name of the same setting"):
+        load_recipe(p, ["training.gradient_checkpointing=true", "training.activation_checkpointing=false"])
+    r = load_recipe(p, ["training.gradient_checkpointing=true", "training.activation_checkpointing=true"])
+    assert r.training[checkpointing_field()] is True
 
 
 def test_training_arguments_rules_fail_before_any_data_is_read(tmp_path):

@@ -19,6 +19,7 @@ from transformers import Trainer, TrainingArguments
 
 from badam_hf import BAdamConfig, BAdamConfigError, BAdamTrainer, BlockOptimizer
 from badam_hf.core.config import PartitionConfig
+from badam_hf.core.hf_features import enable_activation_checkpointing
 from badam_hf.core.optimizer import partition_for, unwrap_optimizer
 from badam_hf.core.partition import find_multimodal, partition_model
 
@@ -223,7 +224,7 @@ def test_gradient_equals_full_backward_and_cut_stops_at_the_lowest_active_layer(
     ref = copy.deepcopy(model)
     ref(**batch).loss.backward()
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        enable_activation_checkpointing(model, use_reentrant=True)
     lang, vis = language_layers(model), vision_layers(model)
     start = {"language": 1, "vision": len(lang) + 1}[active]
     opt = BlockOptimizer(model, include_vision=True, switch_every=5, switch_mode="ascending", start_block=start)

@@ -11,8 +11,10 @@ Two things in the HF stack undo it, and one breaks training outright:
 
 The fix is one forward pre-hook per stack layer. At the lowest active layer (when nothing trainable runs
 before it) it replaces the incoming hidden states by a detached tensor; under reentrant checkpointing
-that tensor is made to require grad so the checkpointed layer still produces gradients. HF layers wrap
-`forward` (not `__call__`) in the checkpoint, so this hook runs outside the checkpoint, where it must.
+that tensor is made to require grad so the checkpointed layer still produces gradients. Newer HF layers
+wrap `forward` (not `__call__`) in the checkpoint, so this hook runs outside the checkpoint, where it must.
+transformers 5.18 checkpoints the whole `__call__` (`core.hf_features`): there the layer's checkpoint function
+is wrapped as well, and the cut is made on its inputs, before the checkpoint sees them.
 HF's input-require-grads hooks are removed when the optimizer is built and again before every forward
 (a model-level pre-hook), so enabling checkpointing after the optimizer exists changes nothing.
 
@@ -38,6 +40,7 @@ import logging
 import torch
 from torch import nn
 
+from .hf_features import layer_hooks_run_inside_checkpoint
 from .partition import Partition
 
 logger = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ def _is_reentrant_checkpointed(module: nn.Module) -> bool:
     if not (getattr(module, "gradient_checkpointing", False) and module.training):
         return False
     func = getattr(module, "_gradient_checkpointing_func", None)
+    func = getattr(func, "_badam_checkpoint", func)  # see BackwardTruncation._cut_before_checkpoint
     keywords = getattr(func, "keywords", None) or {}
     # torch.utils.checkpoint treats a missing use_reentrant as True.
     return keywords.get("use_reentrant", True) is not False
@@ -84,6 +88,8 @@ class BackwardTruncation:
         self.enabled = enabled and bool(self.chain)
         # The (HF) modules that can hold `enable_input_require_grads()` hooks.
         self._hf_modules = [m for m in model.modules() if callable(getattr(m, "disable_input_require_grads", None))]
+        # (stack path, index, layer) whose checkpoint function must make the cut (hooks inside the checkpoint).
+        self._wrapped_layers: list[tuple[str, int, nn.Module]] = []
         self._handles.append(model.register_forward_hook(self._gradless_hook))
         if self.enabled:
             for info in self.chain:
@@ -94,6 +100,10 @@ class BackwardTruncation:
             # again before each forward, ahead of the embedding that they act on.
             self._handles.append(model.register_forward_pre_hook(self._drop_hook))
             self.drop_input_require_grads()
+            if layer_hooks_run_inside_checkpoint():
+                self._wrapped_layers = [(info.stack.path, i, layer) for info in self.chain
+                                        for i, layer in enumerate(info.stack.layers)]
+                self._wrap_checkpoint_funcs()
 
     @property
     def cut_layer(self) -> int | None:
@@ -117,6 +127,32 @@ class BackwardTruncation:
 
     def _drop_hook(self, module: nn.Module, args) -> None:
         self.drop_input_require_grads()
+        self._wrap_checkpoint_funcs()  # checkpointing enabled after the optimizer sets new functions
+
+    def _wrap_checkpoint_funcs(self) -> None:
+        """Where the layers' pre-hooks run inside the checkpoint (transformers 5.18), a reentrant checkpoint of
+        the lowest active layer would see inputs that do not require grad and give the layer no gradient at all:
+        wrap each layer's checkpoint function so the cut is made on its inputs first."""
+        for path, index, layer in self._wrapped_layers:
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if func is not None and not hasattr(func, "_badam_checkpoint"):
+                layer._gradient_checkpointing_func = self._cut_before_checkpoint(path, index, layer, func)
+
+    def _cut_before_checkpoint(self, path: str, index: int, layer: nn.Module, checkpoint):
+        def cut_then_checkpoint(function, *args, **kwargs):
+            if index == self.cuts.get(path) and torch.is_grad_enabled() and args and torch.is_tensor(args[0]):
+                args = (self._cut(layer, args[0]), *args[1:])
+            return checkpoint(function, *args, **kwargs)
+
+        cut_then_checkpoint._badam_checkpoint = checkpoint
+        return cut_then_checkpoint
+
+    def _unwrap_checkpoint_funcs(self) -> None:
+        for _, _, layer in self._wrapped_layers:
+            func = getattr(layer, "_gradient_checkpointing_func", None)
+            if hasattr(func, "_badam_checkpoint"):
+                layer._gradient_checkpointing_func = func._badam_checkpoint
+        self._wrapped_layers = []
 
     def update(self, trainable_names) -> None:
         trainable = set(trainable_names)
@@ -133,6 +169,7 @@ class BackwardTruncation:
         for h in self._handles:
             h.remove()
         self._handles.clear()
+        self._unwrap_checkpoint_funcs()
 
     def _pre_hook(self, path: str, index: int, module: nn.Module, args, kwargs):
         if index != self.cuts.get(path) or not torch.is_grad_enabled():

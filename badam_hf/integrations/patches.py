@@ -1,6 +1,7 @@
 """Every change badam_hf makes to transformers and accelerate objects, in one place. Each is idempotent and
-inert unless a BlockOptimizer is involved. Tested with transformers 5.24 and accelerate 1.15-1.16
-(`TESTED_VERSIONS`; pyproject.toml pins these ranges).
+inert unless a BlockOptimizer is involved. Supported: the ranges of `SUPPORTED` (pyproject.toml's lower
+bounds, no upper bound); `make compat` tests both ends (`TESTED_VERSIONS`). Where the supported releases differ,
+`core.hf_features` detects what is there.
 
 1. `OptimizerNames.BADAM = "badam"`, so `TrainingArguments(optim="badam")`, the argparse choices that
    `HfArgumentParser` builds from the enum, `parse_dict`/`parse_yaml_file` and TRL configs accept it. The
@@ -53,9 +54,12 @@ from .trainer import block_optimizer_from_args, ensure_badam_callback, install_c
 
 OPTIM_NAME = "badam"
 MEMBER_NAME = "BADAM"
-# Keep in step with the pins in pyproject.toml and docs/development.md ("Tested versions").
-TESTED_VERSIONS = "transformers 5.24, accelerate 1.15-1.16, trl 1.16, peft 0.21"
-PINS = ("transformers>=5.24,<5.25", "accelerate>=1.15,<1.17")
+# The lower bounds of pyproject.toml (tests/test_patches.py keeps them equal), and the oldest and newest
+# releases `make compat` ran the unit tests with (docs/development.md, "Supported versions").
+SUPPORTED = ("transformers>=5.18", "accelerate>=1.10")
+TESTED_VERSIONS = "transformers 5.18-5.25, accelerate 1.10-1.16, trl 1.10-1.16, peft 0.18-0.21"
+# What the error message tells a user to install: the newest releases tested.
+NEWEST_TESTED = ("transformers==5.25.*", "accelerate==1.16.*")
 
 
 # --- the targets ---------------------------------------------------------------------------------------
@@ -118,8 +122,10 @@ def _versions() -> str:
 
 def _missing(target: Target, what: str) -> UnsupportedVersionError:
     return UnsupportedVersionError(
-        f"badam_hf cannot patch {target.name}: {what}. Installed: {_versions()}; badam_hf is tested with "
-        f"{TESTED_VERSIONS}. Install a tested version: pip install {' '.join(repr(p) for p in PINS)}"
+        f"badam_hf cannot patch {target.name}: {what}. Installed: {_versions()}; badam_hf supports "
+        f"{', '.join(SUPPORTED)} and is tested with {TESTED_VERSIONS}. This release changed what badam_hf "
+        f"needs; until a badam_hf release supports it, install a tested version: "
+        f"pip install {' '.join(repr(p) for p in NEWEST_TESTED)}"
     )
 
 

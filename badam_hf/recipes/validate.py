@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..core.config import BAdamConfig
+from ..core.hf_features import checkpointing_aliases
 from ..core.errors import BAdamConfigError, RecipeError
 from .discovery import resolve
 from .overrides import apply_overrides
@@ -227,10 +228,23 @@ def _check_badam(section: dict, problems: _Problems) -> tuple[BAdamConfig | None
     return None, flat
 
 
+def _checkpointing_under_its_installed_name(training: dict, problems: _Problems) -> dict:
+    """`gradient_checkpointing` and `activation_checkpointing` (and their `_kwargs`) are one setting under two
+    names, the newer one missing from older transformers: a recipe may use either on every supported release."""
+    out = {}
+    for key, value in training.items():
+        name = checkpointing_aliases().get(key, key)
+        if name in out and out[name] != value:
+            problems.add(f"training.{key}={value!r} contradicts another name of the same setting "
+                         f"({name}={out[name]!r}); give it once.")
+        out[name] = value
+    return out
+
+
 def _check_training(section: dict, data: dict | None, problems: _Problems) -> dict:
     """The `training` section (TrainingArguments fields verbatim). `data` is None when its evaluation keys
     have problems of their own (the eval-data rule is skipped then)."""
-    training = dict(section)
+    training = _checkpointing_under_its_installed_name(dict(section), problems)
     fields = _training_fields()
     unknown = sorted(set(training) - set(fields))
     if unknown:

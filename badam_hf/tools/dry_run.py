@@ -308,6 +308,8 @@ def build_model(setting: Setting, device: str | torch.device):
     """The model of `setting` on `device` (meta: no memory), in train mode, checkpointing as set."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from ..core.hf_features import enable_activation_checkpointing
+
     auto = AutoModelForCausalLM if setting.task == "causal-lm" else AutoModelForSequenceClassification
     config = setting.config
     config._attn_implementation = "sdpa"
@@ -317,7 +319,7 @@ def build_model(setting: Setting, device: str | torch.device):
         model = auto.from_config(config, dtype=setting.dtype)
     model.train()
     if setting.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model, use_reentrant=False)
     return model
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..core.config import PartitionConfig
+from ..core.hf_features import checkpointing_field
 from ..core.partition import partition_model
 from .model_shapes import BUILTIN_SHAPES, load_config  # noqa: F401  (part of this module's interface)
 
@@ -232,7 +233,7 @@ def exact_setting(model: str, batch: int | None = None, seq: int | None = None,
         batch = batch or recipe.training.get("per_device_train_batch_size", 8)
         seq = seq or recipe.data.get("cutoff_len", 1024)
         if gradient_checkpointing is None:
-            gradient_checkpointing = bool(recipe.training.get("gradient_checkpointing", False))
+            gradient_checkpointing = bool(recipe.training.get(checkpointing_field(), False))
         dtype = dtype or recipe.model.get("dtype", "bfloat16")
         task = "causal-lm" if recipe.task == "causal-lm" else "sequence-classification"
         label = f"{model} ({shape})"

@@ -29,6 +29,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from badam_hf import BAdamTrainer  # noqa: E402  (importing badam_hf registers --optim badam)
 from badam_hf.core.optimizer import unwrap_optimizer  # noqa: E402
+from badam_hf.core.hf_features import checkpointing_field  # noqa: E402
 from badam_hf.engines.common import engine_sync
 
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "configs", "deepspeed_zero3.json")
@@ -63,7 +64,7 @@ def make_args(out, name, steps, ga=1, gc=False, bf16=False, optim="badam", optim
         max_steps=steps,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=ga,
-        activation_checkpointing=gc,
+        **{checkpointing_field(): gc},
         learning_rate=lr,
         lr_scheduler_type="constant",
         max_grad_norm=0.0,  # "auto" gradient_clipping -> no clipping, so steps are comparable

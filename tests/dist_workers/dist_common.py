@@ -10,6 +10,8 @@ import sys
 import torch
 from tiny_models import VOCAB, tiny_llama  # tests/, on PYTHONPATH (run_processes puts it there)
 
+from badam_hf.core.hf_features import enable_activation_checkpointing
+
 TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEQ = 12
 
@@ -25,7 +27,7 @@ def training_llama(gc=None):
     model = tiny_llama()
     model.train()
     if gc is not None:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": gc})
+        enable_activation_checkpointing(model, use_reentrant=gc)
     return model
 
 

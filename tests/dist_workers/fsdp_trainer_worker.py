@@ -26,6 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 from badam_hf import BAdamTrainer  # noqa: E402  (registers --optim badam)
 from badam_hf.distributed import DistributedSetupError  # noqa: E402
 from badam_hf.core.optimizer import unwrap_optimizer  # noqa: E402
+from badam_hf.core.hf_features import checkpointing_field  # noqa: E402
 from badam_hf.engines.common import engine_sync
 
 
@@ -91,7 +92,7 @@ def make_trainer(run, out, callbacks=(), save_steps=None, state_dict_type="SHARD
         optim="badam",
         optim_args=run["optim_args"],
         bf16=run["bf16"],
-        activation_checkpointing=run.get("gc", False),  # (the new name of gradient_checkpointing)
+        **{checkpointing_field(): run.get("gc", False)},  # activation_checkpointing (gradient_checkpointing on 5.18)
         save_strategy="steps" if save_steps else "no",
         save_steps=save_steps or 500,
         fsdp=True,

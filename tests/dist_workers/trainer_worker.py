@@ -20,6 +20,7 @@ from transformers import Trainer, TrainingArguments, TrainerCallback  # noqa: E4
 
 from badam_hf import BAdamTrainer  # noqa: E402  (importing badam_hf registers --optim badam)
 from badam_hf.core.optimizer import unwrap_optimizer  # noqa: E402
+from badam_hf.core.hf_features import checkpointing_field  # noqa: E402
 from badam_hf.engines.common import engine_sync
 
 
@@ -53,7 +54,7 @@ def main():
             max_steps=run["steps"],
             per_device_train_batch_size=2,
             gradient_accumulation_steps=run["ga"],
-            activation_checkpointing=run["gc"],  # (the new name of gradient_checkpointing)
+            **{checkpointing_field(): run["gc"]},  # activation_checkpointing (gradient_checkpointing on 5.18)
             learning_rate=run["lr"],
             lr_scheduler_type="constant",
             max_grad_norm=1.0,
