@@ -237,8 +237,18 @@ def test_bad_deepspeed_configs_are_refused(config, match):
         check_config(config)
 
 
-def test_cpu_optimizer_offload_config_is_accepted():
-    check_config({**zero3(offload_optimizer={"device": "cpu"}), "zero_force_ds_cpu_optimizer": False})
+@pytest.mark.parametrize("force", [False, "false", True, "true"])
+def test_cpu_optimizer_offload_needs_the_client_optimizer(force):
+    """CPU optimizer offload is accepted exactly when DeepSpeed is told to run the client optimizer (BAdam) there
+    (as the worker's "offload" scenario trains), the flag given as a bool or as a string from a JSON/CLI config;
+    with the flag true (or missing: test_bad_deepspeed_configs_are_refused), DeepSpeed would swap in its own CPU
+    Adam, so the config is refused."""
+    config = {**zero3(offload_optimizer={"device": "cpu"}), "zero_force_ds_cpu_optimizer": force}
+    if force in (False, "false"):
+        check_config(config)  # accepted: no error
+    else:
+        with pytest.raises(DistributedSetupError, match=r"zero_force_ds_cpu_optimizer\": false is set"):
+            check_config(config)
 
 
 def test_training_args_with_optimizer_block_are_refused():

@@ -1,97 +1,165 @@
-"""TRL's own `trl/scripts/sft.py`, unchanged, trains with `--optim badam` through `python -m badam_hf.run`.
+"""TRL's own scripts (`trl/scripts/sft.py`, `reward.py`, `kto.py`, `grpo.py`, `rloo.py`), unchanged, train with
+`--optim badam` through `python -m badam_hf.run`; only the scheduled blocks (and a reward model's new head) move.
 
-Everything is local: a tiny Llama and a word-level tokenizer with a chat template saved to one folder, and
-a `messages` jsonl; the subprocess runs with the Hub switched off.
+Everything is local (tests/trl_local.py): a tiny Llama and a word-level tokenizer with a chat template saved to
+one folder, jsonl data in another; the subprocess runs with the Hub switched off.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import torch
-import trl  # a hard dependency of this test: trl is in the test extra
 from safetensors.torch import load_file
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from trl_local import changed, run_script, save_model, step_logs, task, under, write_jsonl
 
 pytestmark = pytest.mark.integration
-
-VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
-SFT_SCRIPT = Path(trl.__file__).parent / "scripts" / "sft.py"
-SPECIALS = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"]
-WORDS = "zero one two three four five six seven eight nine repeat reverse please".split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eos> {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def _tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
-    assert len(vocab) <= VOCAB  # the tiny model's embedding must cover every id
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>", chat_template=CHAT_TEMPLATE
-    )
 
 
 def _messages(n: int = 24) -> list[dict]:
     rows = []
     for i in range(n):
-        digits = [WORDS[(i * 7 + k * 3) % 10] for k in range(3 + i % 3)]
-        op = "repeat" if i % 2 else "reverse"
-        answer = digits if op == "repeat" else digits[::-1]
+        request, answer = task(i)
         rows.append({"messages": [
-            {"role": "user", "content": " ".join(["please", op, *digits])},
+            {"role": "user", "content": request},
             {"role": "assistant", "content": " ".join(answer)},
         ]})
     return rows
 
 
-def _run(args, cache):
-    # Offline, with a private datasets cache so the jsonl's Arrow copy lands in tmp_path.
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(cache))
-    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
-
-
 def test_trl_sft_script_trains_only_the_scheduled_blocks(tmp_path, tiny_llama):
-    model_dir, data_dir, out = tmp_path / "model", tmp_path / "data", tmp_path / "out"
-    tiny_llama().save_pretrained(model_dir)
-    _tokenizer().save_pretrained(model_dir)
-    init = load_file(model_dir / "model.safetensors")
-    data_dir.mkdir()
-    # A folder with train.jsonl: `load_dataset(folder)` gives a "train" split, which sft.py trains on.
-    (data_dir / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _messages()))
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    init = save_model(tiny_llama(), model_dir)
+    data_dir = write_jsonl(tmp_path / "data", _messages())
 
-    proc = _run([
-        "-m", "badam_hf.run", str(SFT_SCRIPT),
+    run_script("sft", [
         "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
         "--optim", "badam", "--optim_args", "switch_every=2,switch_mode=ascending",
         "--max_steps", "6", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--max_length", "32",
-        # TRL's other defaults stay (gradient checkpointing on); its default bf16=True is turned off on CPU.
-        "--use_cpu", "True", "--bf16", "False", "--logging_steps", "1", "--report_to", "none",
-        "--disable_tqdm", "True", "--dataloader_num_workers", "0",
         # One checkpoint at the last step: its trainer_state.json carries the per-step log history.
         "--save_strategy", "steps", "--save_steps", "6",
-    ], cache=tmp_path / "hf_datasets")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    ], tmp_path)
 
-    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
-    steps = [h for h in history if "loss" in h]
+    steps = step_logs(out / "checkpoint-6")
     assert [h["badam/active_block"] for h in steps] == [0, 0, 1, 1, 2, 2]
     assert steps[0]["badam/active_block_name"] == "model.layers.0"
 
     # sft.py saves the final model to output_dir: layers 0-2 moved, everything else is bit-identical.
     final = load_file(out / "model.safetensors")
-    assert set(final) == set(init)
-    changed = {n for n in init if not torch.equal(init[n], final[n])}
-    trained = {n for n in init if n.startswith(("model.layers.0.", "model.layers.1.", "model.layers.2."))}
-    assert changed == trained
+    assert changed(init, final) == under(init, "model.layers.0", "model.layers.1", "model.layers.2")
+
+
+def _preferences(n: int = 16) -> list[dict]:
+    """Explicit-prompt preference pairs: the right answer is chosen, the answer backwards is rejected."""
+    rows = []
+    for i in range(n):
+        request, answer = task(i)
+        rows.append({"prompt": request, "chosen": " ".join(answer), "rejected": " ".join(answer[::-1] + ["zero"])})
+    return rows
+
+
+def test_trl_reward_script_trains_the_blocks_and_the_new_score_head(tmp_path, tiny_llama):
+    # reward.py loads the causal-LM checkpoint as AutoModelForSequenceClassification(num_labels=1): its `score`
+    # head is new (random), and BAdam trains it in every block (a task head is always active).
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    init = save_model(tiny_llama(), model_dir)
+    data_dir = write_jsonl(tmp_path / "data", _preferences())
+
+    run_script("reward", [
+        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
+        "--optim", "badam", "--optim_args", "switch_every=2,switch_mode=ascending",
+        "--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--max_length", "32",
+        "--save_strategy", "steps", "--save_steps", "1",  # a checkpoint after every step
+    ], tmp_path)
+
+    steps = step_logs(out / "checkpoint-4")
+    assert [h["badam/active_block"] for h in steps] == [0, 0, 1, 1]
+
+    final = load_file(out / "model.safetensors")
+    # The LM head is gone (a sequence-classification model has none); the score head is new.
+    assert set(final) - set(init) == {"score.weight"}
+    assert set(init) - set(final) == {"lm_head.weight"}
+    del init["lm_head.weight"]
+    init["score.weight"] = _initial_score_head(model_dir)
+    # Step by step: the active layer and the score head move in each step, nothing else does.
+    before = init
+    for step, layer in zip(range(1, 5), [0, 0, 1, 1], strict=True):
+        after = load_file(out / f"checkpoint-{step}" / "model.safetensors")
+        assert changed(before, after) == under(init, f"model.layers.{layer}") | {"score.weight"}, step
+        before = after
+    assert changed(before, final) == set()
+
+
+def _initial_score_head(model_dir):
+    """The random `score` head reward.py starts from: RewardTrainer seeds (args.seed, 42 by default) right
+    before it loads the checkpoint as a sequence classifier."""
+    from transformers import AutoModelForSequenceClassification, set_seed
+
+    set_seed(42)
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1).score.weight.detach()
+
+
+def test_trl_kto_script_trains_only_the_scheduled_blocks(tmp_path, tiny_llama):
+    # KTO: unpaired completions labelled desirable or not, against a reference copy of the model (never trained).
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    init = save_model(tiny_llama(), model_dir)
+    rows = []
+    for i in range(8):
+        request, answer = task(i)
+        rows.append({"prompt": request, "completion": " ".join(answer), "label": True})
+        rows.append({"prompt": request, "completion": " ".join(answer[::-1] + ["zero"]), "label": False})
+    data_dir = write_jsonl(tmp_path / "data", rows)
+
+    run_script("kto", [
+        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
+        "--optim", "badam", "--optim_args", "switch_every=2,switch_mode=ascending",
+        "--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--max_length", "32",
+        "--save_strategy", "steps", "--save_steps", "4",
+    ], tmp_path)
+
+    assert [h["badam/active_block"] for h in step_logs(out / "checkpoint-4")] == [0, 0, 1, 1]
+    final = load_file(out / "model.safetensors")
+    assert changed(init, final) == under(init, "model.layers.0", "model.layers.1")
+
+
+# A reward for GRPO / RLOO given to the scripts by import path (they put the working directory on sys.path). It
+# records the optimizer step at which each generated batch is scored, and scores a completion by the sum of its
+# token ids: any function of the completion whose values differ within a group gives nonzero advantages.
+TOY_REWARDS = '''
+def toy_reward(completions, completion_ids, trainer_state, **kwargs):
+    with open("generations.txt", "a") as f:
+        f.write(f"{trainer_state.global_step}\\n")
+    return [float(sum(ids)) for ids in completion_ids]
+'''
+
+
+@pytest.mark.parametrize("script, batch_reuse", [
+    # GRPO: one generated batch of 3 x 2 completions feeds 3 optimizer steps of 2 completions each.
+    ("grpo", ["--steps_per_generation", "3"]),
+    # RLOO: one generated batch of 2 x 2 completions feeds 3 optimizer steps, the same batch each time.
+    ("rloo", ["--steps_per_generation", "1", "--num_iterations", "3"]),
+])
+def test_trl_online_rl_scripts_switch_blocks_between_generations(
+        tmp_path, tiny_llama, script, batch_reuse):
+    # GRPO and RLOO generate completions with the model being trained (model.generate between optimizer steps,
+    # while BAdam has the active layer's requires_grad on and the backward truncation hooks installed), then take
+    # three optimizer steps per generated batch: generations before steps 1 and 4. With switch_every=2 the blocks
+    # switch inside both batches (after steps 2 and 4), and the second generation falls inside block 1 (its
+    # fp32 masters and moments live across it).
+    model_dir, out = tmp_path / "model", tmp_path / "out"
+    init = save_model(tiny_llama(), model_dir)
+    data_dir = write_jsonl(tmp_path / "data", [{"prompt": task(i)[0]} for i in range(16)])
+    (tmp_path / "toy_rewards.py").write_text(TOY_REWARDS)
+
+    run_script(script, [
+        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
+        "--reward_funcs", "toy_rewards.toy_reward",
+        "--optim", "badam", "--optim_args", "switch_every=2,switch_mode=ascending",
+        "--max_steps", "6", "--per_device_train_batch_size", "2", "--num_generations", "2",
+        "--max_completion_length", "6", "--learning_rate", "1e-3",
+        "--save_strategy", "steps", "--save_steps", "6", *batch_reuse,
+    ], tmp_path, cwd=tmp_path)
+
+    # Generated (and scored) twice, before optimizer steps 1 and 4 (global_step counts the steps taken).
+    assert (tmp_path / "generations.txt").read_text().split() == ["0", "3"]
+    assert [h["badam/active_block"] for h in step_logs(out / "checkpoint-6")] == [0, 0, 1, 1, 2, 2]
+    final = load_file(out / "model.safetensors")
+    assert changed(init, final) == under(init, "model.layers.0", "model.layers.1", "model.layers.2")
