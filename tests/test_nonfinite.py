@@ -258,3 +258,33 @@ def test_ddp_ranks_take_the_same_decision(tmp_path):
     c0, c1 = read(tmp_path, "control_rank0"), read(tmp_path, "control_rank1")
     assert (c0["skipped"], c1["skipped"], c0["step1_unchanged"], c1["step1_unchanged"]) == (1, 0, True, False)
     assert not same(load(tmp_path, "control_rank0"), load(tmp_path, "control_rank1"))
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
+def test_a_skip_at_the_blocks_last_step_still_writes_back_with_switch_rounding(tiny_llama, split):
+    """The skipped step is the block's K-th: the switch drops the masters right after it, so the unchanged
+    masters are written into the weights with switch_rounding there (stochastic, keyed by that step), exactly
+    as a step taken there would write its own."""
+    from badam_hf.core.rounding import SWITCH_STREAM, rounding_key, store_stochastic
+
+    model = tiny_llama(layers=2, dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=2, switch_mode="ascending", switch_rounding="stochastic",
+                         split_masters=split)
+    train_step(model, opt, 0, ga=1)
+    block = list(opt.trainable_names)
+    masters = {n: opt._block_masters.value(n).clone() for n in block}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, opt, 1, nan_micro=0, ga=1)  # step 2 = the block's last: skipped
+    assert opt.skipped_steps == 1 and opt.active_block == 1 and opt.memory_bytes()["masters"] == 0
+    params = dict(model.named_parameters())
+    moved = 0
+    for n in block:
+        expected = weights[n].clone()
+        store_stochastic(expected, masters[n], None, rounding_key(opt.config.schedule.seed, 2,
+                                                                    opt._index[n], SWITCH_STREAM))
+        assert torch.equal(params[n].detach(), expected), n
+        moved += int((expected != weights[n]).sum())
+    assert moved > 0  # the stochastic write differs from the nearest weights the split left
+    for n, w in weights.items():
+        if n not in block:
+            assert torch.equal(params[n].detach(), w), n

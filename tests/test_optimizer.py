@@ -578,3 +578,22 @@ def test_always_active_head_keeps_master_and_moments_across_switches(tiny_llama)
         assert opt.masters["score.weight"] is master
         assert opt.inner.state[master]["step"].item() == t + 1
     assert opt.active_block == 2
+
+
+def test_a_block_drawn_again_at_an_epoch_boundary_restarts(tiny_llama):
+    """Random order with seed 0 over 2 blocks draws [0, 1] then [1, 0]: block 1 gets two visits in a row. Each
+    visit is its own K steps: the first ends with the switch write-back (switch_rounding) and the second starts
+    with fresh masters and moments, as the authors' package restarts it."""
+    model = tiny_llama(layers=2, dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="random", seed=0, switch_rounding="stochastic")
+    assert [opt.schedule.block_at(s) for s in range(8)] == [0, 0, 1, 1, 1, 1, 0, 0]
+    writes = []
+    store = opt._block_masters.store
+    opt._block_masters.store = lambda **kw: (writes.append((kw.get("step"), kw.get("block_ends"))), store(**kw))[1]
+    for step in range(4):
+        train_step(model, opt, batch(step))
+    assert writes[-1] == (4, True)  # the first visit's last step is a block end
+    assert opt.active_block == 1 and opt.memory_bytes()["masters"] == 0 and not opt.inner.state
+    train_step(model, opt, batch(4))
+    steps = {float(st["step"]) for st in opt.inner.state.values()}
+    assert steps == {1.0}  # the moments restarted with the visit

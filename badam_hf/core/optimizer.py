@@ -183,10 +183,19 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
     @torch.no_grad()
     def _skip_step(self) -> None:
         """Drop this step's gradients; weights, masters and moments stay as they were (masters held split go
-        back to being split: the weights are rewritten with the bits they already hold)."""
-        self._block_masters.drop_grads(split=True)
+        back to being split: the weights are rewritten with the bits they already hold). A skipped step still
+        counts towards K: at a block's last step (or training's) the unchanged masters are written back with
+        `switch_rounding` before the switch drops them, as a step taken there would have."""
+        done = self.global_step + 1
+        final = self.total_steps is not None and done == self.total_steps
+        block_ends = self.schedule.switches_at(done)
+        self._block_masters.drop_grads(split=not (block_ends or final))
         for name in self._trainable + self._inactive.names:
             self._params[name].grad = None
+        if block_ends or final:
+            self._block_masters.store(block_ends=block_ends, final=final, step=done)
+            if final:
+                self._finished_at = done
         self.note_step(skipped=True)
         self.advance()
 
