@@ -597,3 +597,78 @@ def test_a_block_drawn_again_at_an_epoch_boundary_restarts(tiny_llama):
     train_step(model, opt, batch(4))
     steps = {float(st["step"]) for st in opt.inner.state.values()}
     assert steps == {1.0}  # the moments restarted with the visit
+
+
+# --- a second optimizer on the same model (a second training stage) -------------------------------------
+
+
+def hook_count(model) -> int:
+    """Forward/backward hooks on every module, and gradient hooks on every parameter."""
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+    for p in model.parameters():
+        n += len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) + len(p._backward_hooks or {})
+    return n
+
+
+@pytest.mark.parametrize("extra", [{}, {"inactive_update": "sgd", "inactive_scope": "all"}], ids=["layer", "bread"])
+def test_a_second_optimizer_closes_the_first_and_trains_every_block(tiny_llama, extra, caplog):
+    """Issue 28's repro: a descending first stage, then a second optimizer (K=1 ascending, 4 steps). The first
+    one's truncation hooks used to cut the second's backward at its own lowest layer (2), and its fp32-gradient
+    hooks took the gradients: layers 0 and 1 never moved."""
+    import logging
+
+    from badam_hf.core.errors import ClosedOptimizerError
+
+    model = tiny_llama(layers=4, dtype=torch.bfloat16)
+    model.model.embed_tokens.weight.requires_grad_(False)  # the user's own choice: put back by close()
+    before_hooks = hook_count(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    first = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="descending", **extra)
+    for step in range(3):  # layers 3, 3, 2: layer 2 is mid-visit, with masters and moments
+        train_step(model, first, batch(step))
+    ids = batch(3)
+    model(input_ids=ids, labels=ids).loss.backward()  # and gradients waiting for a step
+    held = first.memory_bytes()
+    assert held["masters"] > 0 and held["optimizer_state"] > 0 and held["grads"] > 0
+    assert hook_count(model) > before_hooks
+    master_refs = [weakref.ref(t) for t in first._block_masters.masters.values()]
+
+    with caplog.at_level(logging.INFO, logger="badam_hf"):
+        second = BlockOptimizer(model, lr=1e-3, switch_every=1, switch_mode="ascending")
+    assert first.closed and sum("closing the BlockOptimizer already training this model" in r.getMessage()
+                                for r in caplog.records) == 1
+    assert set(first.memory_bytes().values()) == {0} and not first.inner.state
+    with pytest.raises(ClosedOptimizerError, match="closed"):
+        first.step()
+    first.close()  # idempotent
+    first_ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert first_ref() is None, "something still holds the first optimizer"
+    assert all(r() is None for r in master_refs)
+
+    start = snapshot(model)
+    for step in range(4):
+        train_step(model, second, batch(10 + step))
+    end = snapshot(model)
+    for layer in range(4):
+        names = block_param_names(model, f"model.layers.{layer}.")
+        assert any(not torch.equal(start[n], end[n]) for n in names), f"layer {layer} never moved"
+
+    second.close()
+    assert hook_count(model) == before_hooks
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_close_puts_back_hf_input_require_grads_hooks(tiny_llama):
+    model = tiny_llama(layers=2)
+    model.enable_input_require_grads()
+    opt = BlockOptimizer(model, lr=1e-3)
+    assert not model._require_grads_hooks  # the truncation makes them unnecessary (and harmful)
+    opt.close()
+    assert len(model._require_grads_hooks) == 1
+    out = model.model.embed_tokens(torch.zeros(1, 2, dtype=torch.long))
+    assert out.requires_grad

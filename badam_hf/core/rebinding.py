@@ -62,5 +62,5 @@ class ParameterRebinding:
             self._has_stepped = True
 
     def _rebind_if_not_stepped(self) -> None:
-        if not self._has_stepped and self._driver is None:  # a driving engine owns the parameters' layout
+        if not self._has_stepped and self._driver is None and not self.closed:  # a driving engine owns the parameters' layout
             self.rebind_parameters()
