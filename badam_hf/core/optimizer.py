@@ -12,7 +12,7 @@ else:
 The same machinery runs the block family's other members (`mode`): `lisa` activates several sampled
 blocks at once, `ratio` activates every block but gives the inner optimizer only the selected entries of
 each parameter (masters and moments of those entries alone), and `inactive_update` adds BREAD's stateless
-step for the frozen parameters inside the backward.
+step for the frozen parameters, taken in `step()` after the non-finite check.
 """
 
 from __future__ import annotations
