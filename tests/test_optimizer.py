@@ -672,3 +672,19 @@ def test_close_puts_back_hf_input_require_grads_hooks(tiny_llama):
     assert len(model._require_grads_hooks) == 1
     out = model.model.embed_tokens(torch.zeros(1, 2, dtype=torch.long))
     assert out.requires_grad
+
+
+def test_state_dict_masters_are_cpu_copies_of_the_masters(tiny_llama):
+    """Masters held split are rebuilt one at a time and saved as CPU tensors, bit-equal to the masters; the
+    optimizer keeps them split (a save changes nothing)."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=3, switch_mode="ascending")
+    train_step(model, opt, batch(0))
+    assert all(b.is_split for b in opt._block_masters.buffers)
+    sd = opt.state_dict()
+    assert all(b.is_split for b in opt._block_masters.buffers)
+    saved = {opt._names[i]: e["master"] for i, e in sd["state"].items()}
+    assert set(saved) == set(opt.trainable_names)
+    for n, m in saved.items():
+        assert m.device.type == "cpu" and m.dtype == torch.float32
+        assert torch.equal(m, opt._block_masters.value(n)), n
