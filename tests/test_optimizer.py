@@ -688,3 +688,13 @@ def test_state_dict_masters_are_cpu_copies_of_the_masters(tiny_llama):
     for n, m in saved.items():
         assert m.device.type == "cpu" and m.dtype == torch.float32
         assert torch.equal(m, opt._block_masters.value(n)), n
+
+
+def test_a_refused_second_optimizer_leaves_the_first_one_training(tiny_llama):
+    model = tiny_llama(layers=2)
+    first = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="ascending")
+    with pytest.raises(BAdamConfigError, match="start_block=9 is out of range"):
+        BlockOptimizer(model, lr=1e-3, start_block=9)
+    assert not first.closed
+    train_step(model, first, batch(0))
+    assert first.global_step == 1

@@ -101,19 +101,20 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
         for check in list(self._construction_checks.values()):
             check(model)  # engines refuse what they cannot train, before anything changes
         check_model(model)
+        self.model, self.config, self.mode = model, config, config.mode
+        self.partition = partition if partition is not None else partition_for(model, config)
+        self.schedule = schedule_for(self.partition, config)
+        # Nothing refused this one: it takes over from one still training the model (a second training stage,
+        # SFT then DPO; a notebook's second Trainer), whose hooks would keep cutting the backward and taking
+        # the gradients, and whose state would stay alive.
         previous = live_optimizer(model)
         if previous is not None:
-            # A second training stage on the same model (SFT, then DPO; a notebook's second Trainer): the first
-            # optimizer's hooks would keep cutting the backward and taking the gradients, its state stay alive.
             logger.info("badam_hf: closing the BlockOptimizer already training this model (step %d, block %r); "
                         "a new one takes over.", previous.global_step, previous.active_block_name)
             previous.close()
         self.closed = False
         # What close() puts back: which parameters required grad before BAdam froze them.
         self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
-        self.model, self.config, self.mode = model, config, config.mode
-        self.partition = partition if partition is not None else partition_for(model, config)
-        self.schedule = schedule_for(self.partition, config)
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._names: list[str] = list(self._params)
         self._index = {n: i for i, n in enumerate(self._names)}
