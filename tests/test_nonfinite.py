@@ -253,10 +253,11 @@ def test_ddp_ranks_take_the_same_decision(tmp_path):
     launch(str(Path(__file__).parent / "dist_workers" / "nonfinite_worker.py"), str(tmp_path), timeout=150)
     for name in ("agree", "agree_bf16"):
         r0, r1 = read(tmp_path, f"{name}_rank0"), read(tmp_path, f"{name}_rank1")
-        assert r0 == r1 == {"skipped": 1, "step": 4, "block": 2, "step1_unchanged": True}, name
+        assert r0 == r1 == {"skipped": 1, "step": 4, "block": 2, "skipped_step_unchanged": True}, name
         assert same(load(tmp_path, f"{name}_rank0"), load(tmp_path, f"{name}_rank1")), name
     c0, c1 = read(tmp_path, "control_rank0"), read(tmp_path, "control_rank1")
-    assert (c0["skipped"], c1["skipped"], c0["step1_unchanged"], c1["step1_unchanged"]) == (1, 0, True, False)
+    assert (c0["skipped"], c1["skipped"], c0["skipped_step_unchanged"], c1["skipped_step_unchanged"]) == (
+        1, 0, True, False)
     assert not same(load(tmp_path, "control_rank0"), load(tmp_path, "control_rank1"))
 
 
