@@ -226,7 +226,8 @@ def predict(shape: dict, switch_every: int) -> dict:
 
 
 def check_steady_state(shape: dict, device, ids, switch_every: int, predicted: dict) -> dict:
-    """A block's first step and a later step (K >= 2), each with its own peak, beside the dry run's."""
+    """A block's first step and a later step (K >= 2), each with its own peak, and a checkpoint save between
+    them (the optimizer's state dict, mid-visit), beside the dry run's."""
     import torch
 
     from badam_hf.core.optimizer import BlockOptimizer
@@ -241,8 +242,15 @@ def check_steady_state(shape: dict, device, ids, switch_every: int, predicted: d
     counter = None if cuda else StorageCounter()
     if counter is not None:
         counter.track(list(model.parameters()) + list(model.buffers()) + [ids])
-    steps = []
-    for pred in predicted["steady_state"]:
+    steps, saves = [], []
+    preds = [p for p in predicted["steady_state"] if p["step"] != "checkpoint save"]
+    save_pred = next((p for p in predicted["steady_state"] if p["step"] == "checkpoint save"), None)
+
+    def row(pred, measured):
+        return {"step": pred["step"], "measured_bytes": measured, "predicted_bytes": pred["peak_bytes"],
+                "predicted_phase": pred["phase"], "measured_over_predicted": measured / pred["peak_bytes"]}
+
+    for i, pred in enumerate(preds):
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             one_step(model, opt, ids, clock)
@@ -252,12 +260,34 @@ def check_steady_state(shape: dict, device, ids, switch_every: int, predicted: d
                 counter.reset_peak()
                 one_step(model, opt, ids, clock)
             measured = counter.peak
-        steps.append({"step": pred["step"], "measured_bytes": measured, "predicted_bytes": pred["peak_bytes"],
-                      "predicted_phase": pred["phase"], "measured_over_predicted": measured / pred["peak_bytes"]})
+        steps.append(row(pred, measured))
+        if i == 0 and save_pred is not None:  # the dry run saves after a block's first step, mid-visit
+            saves.append(row(save_pred, measure_save(opt, counter)))
+    steps += saves
     del model, opt
     return {"switch_every": switch_every,
             "measured_by": "torch.cuda.max_memory_allocated" if cuda else "live tensor bytes of the CPU tensors",
             "steps": steps}
+
+
+def measure_save(opt, counter) -> int:
+    """The peak of building the optimizer's state dict: CUDA's max_memory_allocated around the real one (its
+    masters go to the host), or, on the CPU, live tensor bytes with the host copies dropped (there they would be
+    the same memory), as the dry run counts it."""
+    import torch
+
+    from badam_hf.core import checkpoint
+
+    if counter is None:
+        torch.cuda.reset_peak_memory_stats()
+        state = opt.state_dict()
+        measured = torch.cuda.max_memory_allocated()
+        del state
+        return measured
+    with counter:
+        counter.reset_peak()
+        checkpoint.state_dict(opt, to_host=lambda t: None)
+    return counter.peak
 
 
 def format_predictions(result: dict) -> str:

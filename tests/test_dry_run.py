@@ -40,14 +40,31 @@ def same_on_meta_and_cpu(setting: Setting, method: str) -> dict:
 ], ids=["layer", "ratio", "lisa"])
 def test_badam_modes_meta_equals_cpu_to_the_byte(badam):
     res = same_on_meta_and_cpu(llama_setting(**badam), "badam")
-    assert [s["step"] for s in res["steps"]] == ["first step of a block", "later step (K=2)"]
+    assert [s["step"] for s in res["steps"]] == ["first step of a block", "later step (K=2)", "checkpoint save"]
+
+
+def test_a_checkpoint_save_rebuilds_one_master_at_a_time():
+    """Saving mid-visit (masters held split) rebuilds each fp32 master on the device, copies it to the CPU and
+    frees it before the next: the save adds the largest one tensor's fp32 copy (4 x h x i), not the block's
+    (4 x layer, what rebuilding them all before copying held). Meta equals CPU to the byte."""
+    res = same_on_meta_and_cpu(llama_setting(switch_every=2, chunked_loss=False), "badam")
+    save = res["steps"][-1]
+    assert save["step"] == "checkpoint save" and save["phase"] == "checkpoint save"
+    h, i, kv = 64, 128, 32
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    alive = save["alive_at_peak"]
+    assert alive["checkpoint temporaries"] == 4 * h * i
+    assert alive["low halves"] == 2 * layer and alive["moments"] == 8 * layer + 4 * 9
+    all_at_once = save["peak_bytes"] - alive["checkpoint temporaries"] + 4 * layer
+    assert save["peak_bytes"] < all_at_once
+    assert res["peak_bytes"] == max(s["peak_bytes"] for s in res["steps"])
 
 
 def test_badam_layer_mode_holds_what_it_should_at_its_peaks():
     # The model's own loss (chunked_loss=false): the full logits' fp32 tensors are the later step's peak.
     # Nearest rounding at the switch: the stochastic one's temporaries are the test below.
     res = run_method(llama_setting(switch_every=2, chunked_loss=False, switch_rounding="nearest"), "badam", "meta")
-    first, later = res["steps"]
+    first, later, _ = res["steps"]  # the third is the checkpoint save (the test above)
     h, i, kv = 64, 128, 32
     layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h  # one decoder layer's parameters: the active block
     # The first step peaks in the inner AdamW step: fp32 gradient + master + two moments of the block.

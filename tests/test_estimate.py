@@ -99,9 +99,10 @@ def test_formula_within_3_percent_of_the_dry_run_on_named_shapes(model, batch, s
 @pytest.mark.integration
 def test_llama3_8b_badam_fits_a_20gb_card_at_every_step():
     """Issue 18's target: the paper's setting (batch 2 x 728, checkpointing, K=100, chunked loss on) stays at
-    or below 19.6e9 bytes at the first step of a block and at a later step (today's inner-step floor)."""
+    or below 19.6e9 bytes at the first step of a block, at a later step (today's inner-step floor) and while a
+    checkpoint is saved mid-visit (issue 28: the masters go to the CPU one at a time)."""
     got = exact(exact_setting("llama3-8b", batch=2, seq=728, badam={"switch_every": 100}), methods=("badam",))
     steps = got["methods"]["badam"]["steps"]
-    assert len(steps) == 2
+    assert [s["step"] for s in steps][-1] == "checkpoint save" and len(steps) == 3
     for step in steps:
         assert step["peak_bytes"] <= 19.6e9, (step["step"], step["peak_bytes"] / GB, step["phase"])

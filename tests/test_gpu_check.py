@@ -40,10 +40,12 @@ def test_tiny_mode_writes_the_json(tmp_path):
     # The steady state: a block's first step and a later step at K=2, each measured (here: live tensor bytes of
     # the CPU tensors) beside the dry run's prediction on meta tensors, which must agree to the byte.
     ss = res["steady_state"]
-    assert ss["switch_every"] == 2 and [s["step"] for s in ss["steps"]] == ["first step of a block", "later step (K=2)"]
+    assert ss["switch_every"] == 2 and [s["step"] for s in ss["steps"]] == [
+        "first step of a block", "later step (K=2)", "checkpoint save"]
     for s in ss["steps"]:
         assert s["measured_bytes"] == s["predicted_bytes"] > 0, s
-    first, later = ss["steps"]
+    first, later, save = ss["steps"]
+    assert save["predicted_phase"] == "checkpoint save"
     # With the chunked loss (BAdam's default) the later step's peak is in backward, no longer at the loss.
     # The later step ends the block (K=2): at this tiny shape the int64 temporaries of the default stochastic
     # rounding (switch_rounding=auto) outweigh the backward's activations, so it peaks at the write-back.

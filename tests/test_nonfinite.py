@@ -253,8 +253,100 @@ def test_ddp_ranks_take_the_same_decision(tmp_path):
     launch(str(Path(__file__).parent / "dist_workers" / "nonfinite_worker.py"), str(tmp_path), timeout=150)
     for name in ("agree", "agree_bf16"):
         r0, r1 = read(tmp_path, f"{name}_rank0"), read(tmp_path, f"{name}_rank1")
-        assert r0 == r1 == {"skipped": 1, "step": 4, "block": 2, "step1_unchanged": True}, name
+        assert r0 == r1 == {"skipped": 1, "step": 4, "block": 2, "skipped_step_unchanged": True}, name
         assert same(load(tmp_path, f"{name}_rank0"), load(tmp_path, f"{name}_rank1")), name
     c0, c1 = read(tmp_path, "control_rank0"), read(tmp_path, "control_rank1")
-    assert (c0["skipped"], c1["skipped"], c0["step1_unchanged"], c1["step1_unchanged"]) == (1, 0, True, False)
+    assert (c0["skipped"], c1["skipped"], c0["skipped_step_unchanged"], c1["skipped_step_unchanged"]) == (
+        1, 0, True, False)
     assert not same(load(tmp_path, "control_rank0"), load(tmp_path, "control_rank1"))
+
+
+@pytest.mark.parametrize("split", [True, False], ids=["split", "whole"])
+def test_a_skip_at_the_blocks_last_step_still_writes_back_with_switch_rounding(tiny_llama, split):
+    """The skipped step is the block's K-th: the switch drops the masters right after it, so the unchanged
+    masters are written into the weights with switch_rounding there (stochastic, keyed by that step), exactly
+    as a step taken there would write its own."""
+    from badam_hf.core.rounding import SWITCH_STREAM, rounding_key, store_stochastic
+
+    model = tiny_llama(layers=2, dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=2, switch_mode="ascending", switch_rounding="stochastic",
+                         split_masters=split)
+    train_step(model, opt, 0, ga=1)
+    block = list(opt.trainable_names)
+    masters = {n: opt._block_masters.value(n).clone() for n in block}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, opt, 1, nan_micro=0, ga=1)  # step 2 = the block's last: skipped
+    assert opt.skipped_steps == 1 and opt.active_block == 1 and opt.memory_bytes()["masters"] == 0
+    params = dict(model.named_parameters())
+    moved = 0
+    for n in block:
+        expected = weights[n].clone()
+        store_stochastic(expected, masters[n], None, rounding_key(opt.config.schedule.seed, 2,
+                                                                    opt._index[n], SWITCH_STREAM))
+        assert torch.equal(params[n].detach(), expected), n
+        moved += int((expected != weights[n]).sum())
+    assert moved > 0  # the stochastic write differs from the nearest weights the split left
+    for n, w in weights.items():
+        if n not in block:
+            assert torch.equal(params[n].detach(), w), n
+
+
+# --- BREAD: a skipped step leaves the inactive layers bit-identical too ----------------------------------------
+
+
+@pytest.mark.parametrize("scope", ["above", "all"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_nan_batch_with_inactive_update_leaves_every_weight_bit_identical(tiny_llama, scope, dtype):
+    """A NaN in the first micro-batch used to be stepped into the inactive layers inside the backward while
+    the log said the step was skipped. The inactive step now runs after the finite check."""
+    model = tiny_llama(layers=3, dtype=dtype)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=4, switch_mode="ascending", inactive_update="sgd",
+                         inactive_scope=scope)
+    train_step(model, opt, 0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, opt, 1, nan_micro=0)
+    assert opt.skipped_steps == 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+        assert p.grad is None, n
+    train_step(model, opt, 2)  # and the next step trains the inactive layers again
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.lm_head.weight.detach(), before["lm_head.weight"])
+
+
+def test_a_nan_in_an_inactive_gradient_alone_skips_the_step(tiny_llama):
+    """The finite check covers the inactive gradients: a NaN that reaches only an inactive layer's gradient
+    skips the whole step (the active block's gradient is finite)."""
+    model = tiny_llama(layers=3, dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=4, switch_mode="ascending", inactive_update="signsgd")
+    target = model.model.layers[2].mlp.up_proj.weight
+    assert "model.layers.2.mlp.up_proj.weight" in opt.inactive_names
+    handle = target.register_hook(lambda g: torch.full_like(g, float("nan")))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, opt, 0, ga=1)
+    handle.remove()
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def test_trainer_nan_step_with_inactive_update_changes_no_weight(tiny_llama, tmp_path):
+    trainer, rec = trainer_with_nan(tiny_llama, tmp_path, nan_steps={2},
+                                    optim_args="switch_every=2,switch_mode=ascending,inactive_update=sgd,"
+                                               "inactive_scope=all")
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(rec.before[2], rec.after[2]))
+    assert any(not torch.equal(a, b) for a, b in zip(rec.before[3], rec.after[3]))
+    assert unwrap_optimizer(trainer.optimizer).skipped_steps == 1
+
+
+def test_fp16_loss_scaling_with_inactive_update_is_refused(tiny_llama):
+    """The scaler unscales and inf-checks only the optimizer's param groups (the active block): the inactive
+    step would be `scale` times too large. Refused at train begin (and by BAdamTrainer with --fp16)."""
+    opt = BlockOptimizer(tiny_llama(layers=2), inactive_update="sgd")
+    callback = BAdamCallback()
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(scaler=object()), model_wrapped=None)
+    callback._trainer = lambda: trainer
+    with pytest.raises(BAdamConfigError, match=r"inactive_update='sgd' cannot train with fp16 loss scaling.*--bf16"):
+        callback.on_train_begin(None, types.SimpleNamespace(global_step=0, max_steps=4), None, optimizer=opt)
+    plain = BlockOptimizer(tiny_llama(layers=2))  # without inactive_update fp16 stays allowed
+    callback.on_train_begin(None, types.SimpleNamespace(global_step=0, max_steps=4), None, optimizer=plain)

@@ -578,3 +578,123 @@ def test_always_active_head_keeps_master_and_moments_across_switches(tiny_llama)
         assert opt.masters["score.weight"] is master
         assert opt.inner.state[master]["step"].item() == t + 1
     assert opt.active_block == 2
+
+
+def test_a_block_drawn_again_at_an_epoch_boundary_restarts(tiny_llama):
+    """Random order with seed 0 over 2 blocks draws [0, 1] then [1, 0]: block 1 gets two visits in a row. Each
+    visit is its own K steps: the first ends with the switch write-back (switch_rounding) and the second starts
+    with fresh masters and moments, as the authors' package restarts it."""
+    model = tiny_llama(layers=2, dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="random", seed=0, switch_rounding="stochastic")
+    assert [opt.schedule.block_at(s) for s in range(8)] == [0, 0, 1, 1, 1, 1, 0, 0]
+    writes = []
+    store = opt._block_masters.store
+    opt._block_masters.store = lambda **kw: (writes.append((kw.get("step"), kw.get("block_ends"))), store(**kw))[1]
+    for step in range(4):
+        train_step(model, opt, batch(step))
+    assert writes[-1] == (4, True)  # the first visit's last step is a block end
+    assert opt.active_block == 1 and opt.memory_bytes()["masters"] == 0 and not opt.inner.state
+    train_step(model, opt, batch(4))
+    steps = {float(st["step"]) for st in opt.inner.state.values()}
+    assert steps == {1.0}  # the moments restarted with the visit
+
+
+# --- a second optimizer on the same model (a second training stage) -------------------------------------
+
+
+def hook_count(model) -> int:
+    """Forward/backward hooks on every module, and gradient hooks on every parameter."""
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+    for p in model.parameters():
+        n += len(getattr(p, "_post_accumulate_grad_hooks", None) or {}) + len(p._backward_hooks or {})
+    return n
+
+
+@pytest.mark.parametrize("extra", [{}, {"inactive_update": "sgd", "inactive_scope": "all"}], ids=["layer", "bread"])
+def test_a_second_optimizer_closes_the_first_and_trains_every_block(tiny_llama, extra, caplog):
+    """Issue 28's repro: a descending first stage, then a second optimizer (K=1 ascending, 4 steps). The first
+    one's truncation hooks used to cut the second's backward at its own lowest layer (2), and its fp32-gradient
+    hooks took the gradients: layers 0 and 1 never moved."""
+    import logging
+
+    from badam_hf.core.errors import ClosedOptimizerError
+
+    model = tiny_llama(layers=4, dtype=torch.bfloat16)
+    model.model.embed_tokens.weight.requires_grad_(False)  # the user's own choice: put back by close()
+    before_hooks = hook_count(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    first = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="descending", **extra)
+    for step in range(3):  # layers 3, 3, 2: layer 2 is mid-visit, with masters and moments
+        train_step(model, first, batch(step))
+    ids = batch(3)
+    model(input_ids=ids, labels=ids).loss.backward()  # and gradients waiting for a step
+    held = first.memory_bytes()
+    assert held["masters"] > 0 and held["optimizer_state"] > 0 and held["grads"] > 0
+    assert hook_count(model) > before_hooks
+    master_refs = [weakref.ref(t) for t in first._block_masters.masters.values()]
+
+    with caplog.at_level(logging.INFO, logger="badam_hf"):
+        second = BlockOptimizer(model, lr=1e-3, switch_every=1, switch_mode="ascending")
+    assert first.closed and sum("closing the BlockOptimizer already training this model" in r.getMessage()
+                                for r in caplog.records) == 1
+    assert set(first.memory_bytes().values()) == {0} and not first.inner.state
+    with pytest.raises(ClosedOptimizerError, match="closed"):
+        first.step()
+    first.close()  # idempotent
+    first_ref = weakref.ref(first)
+    del first
+    gc.collect()
+    assert first_ref() is None, "something still holds the first optimizer"
+    assert all(r() is None for r in master_refs)
+
+    start = snapshot(model)
+    for step in range(4):
+        train_step(model, second, batch(10 + step))
+    end = snapshot(model)
+    for layer in range(4):
+        names = block_param_names(model, f"model.layers.{layer}.")
+        assert any(not torch.equal(start[n], end[n]) for n in names), f"layer {layer} never moved"
+
+    second.close()
+    assert hook_count(model) == before_hooks
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_close_puts_back_hf_input_require_grads_hooks(tiny_llama):
+    model = tiny_llama(layers=2)
+    model.enable_input_require_grads()
+    opt = BlockOptimizer(model, lr=1e-3)
+    assert not model._require_grads_hooks  # the truncation makes them unnecessary (and harmful)
+    opt.close()
+    assert len(model._require_grads_hooks) == 1
+    out = model.model.embed_tokens(torch.zeros(1, 2, dtype=torch.long))
+    assert out.requires_grad
+
+
+def test_state_dict_masters_are_cpu_copies_of_the_masters(tiny_llama):
+    """Masters held split are rebuilt one at a time and saved as CPU tensors, bit-equal to the masters; the
+    optimizer keeps them split (a save changes nothing)."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = BlockOptimizer(model, lr=1e-3, switch_every=3, switch_mode="ascending")
+    train_step(model, opt, batch(0))
+    assert all(b.is_split for b in opt._block_masters.buffers)
+    sd = opt.state_dict()
+    assert all(b.is_split for b in opt._block_masters.buffers)
+    saved = {opt._names[i]: e["master"] for i, e in sd["state"].items()}
+    assert set(saved) == set(opt.trainable_names)
+    for n, m in saved.items():
+        assert m.device.type == "cpu" and m.dtype == torch.float32
+        assert torch.equal(m, opt._block_masters.value(n)), n
+
+
+def test_a_refused_second_optimizer_leaves_the_first_one_training(tiny_llama):
+    model = tiny_llama(layers=2)
+    first = BlockOptimizer(model, lr=1e-3, switch_every=2, switch_mode="ascending")
+    with pytest.raises(BAdamConfigError, match="start_block=9 is out of range"):
+        BlockOptimizer(model, lr=1e-3, start_block=9)
+    assert not first.closed
+    train_step(model, first, batch(0))
+    assert first.global_step == 1

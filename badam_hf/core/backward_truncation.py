@@ -90,6 +90,7 @@ class BackwardTruncation:
         self._hf_modules = [m for m in model.modules() if callable(getattr(m, "disable_input_require_grads", None))]
         # (stack path, index, layer) whose checkpoint function must make the cut (hooks inside the checkpoint).
         self._wrapped_layers: list[tuple[str, int, nn.Module]] = []
+        self._dropped_input_hooks: set[nn.Module] = set()  # where HF's hooks were: `remove` puts them back
         self._handles.append(model.register_forward_hook(self._gradless_hook))
         if self.enabled:
             for info in self.chain:
@@ -124,6 +125,7 @@ class BackwardTruncation:
         for module in self._hf_modules:
             if getattr(module, "_require_grads_hooks", None):
                 module.disable_input_require_grads()
+                self._dropped_input_hooks.add(module)
 
     def _drop_hook(self, module: nn.Module, args) -> None:
         self.drop_input_require_grads()
@@ -166,10 +168,19 @@ class BackwardTruncation:
             self.cuts[info.stack.path] = min(idx) if idx else None
 
     def remove(self) -> None:
+        """Remove every hook this installed, and put back HF's input-require-grads hooks it took away (a later
+        run without BAdam, e.g. LoRA with checkpointing, relies on them). Idempotent."""
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._unwrap_checkpoint_funcs()
+        for module in self._dropped_input_hooks:
+            if not getattr(module, "_require_grads_hooks", None):
+                module.enable_input_require_grads()
+        self._dropped_input_hooks.clear()
+        self.cuts = dict.fromkeys(self.cuts)
+        self._trainable = set()
+        self._anchor = None
 
     def _pre_hook(self, path: str, index: int, module: nn.Module, args, kwargs):
         if index != self.cuts.get(path) or not torch.is_grad_enabled():

@@ -3,7 +3,7 @@
 `BlockOptimizer.state_dict()` is plain containers and tensors, so `torch.load(weights_only=True)` reads it:
 
     {"state": {index of the parameter in model.named_parameters(): {"master": its fp32 master (low-precision
-               or sharded weights), and the inner optimizer's state ("exp_avg", ...)}},
+               or sharded weights; a CPU copy), and the inner optimizer's state ("exp_avg", ...)}},
      "param_groups": [the decay group, the no-decay group] (hyperparameters; "params" as indices),
      "badam": {"version": STATE_VERSION, "step", "block", ...: where the schedule stands, and every setting
                the saved state's meaning depends on (blocks, mode, schedule, inner optimizer, shards)}}
@@ -15,7 +15,7 @@ the optimizer (`opt`); engines add their own part through torch's state-dict hoo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -27,14 +27,24 @@ from .masters import is_sharded
 STATE_VERSION = 1
 
 
-def state_dict(opt) -> dict[str, Any]:
-    """The optimizer's state in the format above (without torch's state-dict hooks; see `BlockOptimizer`)."""
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    return t.to("cpu")
+
+
+def state_dict(opt, to_host: Callable[[torch.Tensor], Any] = to_host) -> dict[str, Any]:
+    """The optimizer's state in the format above (without torch's state-dict hooks; see `BlockOptimizer`).
+
+    The masters go to the CPU one at a time: held split between steps, each is rebuilt on the device, copied
+    and freed before the next, so a save adds at most the largest one tensor's fp32 copy to the device (an fp32
+    copy of the whole block, +4 bytes per parameter of it, if they were all rebuilt first). The moments are
+    the live tensors (torch.save copies them to the file one at a time). `to_host`: the copy (the dry run,
+    which has no host, passes one that keeps nothing)."""
     epoch, _, in_block = opt.schedule.position(opt.global_step)
     state: dict[int, dict[str, Any]] = {}
     for name in opt._trainable:
         entry = dict(opt.inner.state.get(opt._inner_tensor(name), {}))
         if name in opt._block_masters.masters:
-            entry["master"] = opt._block_masters.value(name)
+            entry["master"] = to_host(opt._block_masters.value(name))
         if entry:
             state[opt._index[name]] = entry
     groups = [

@@ -371,15 +371,16 @@ class LisaConfig:
 @_with_args_doc
 @dataclass
 class InactiveUpdateConfig:
-    """BREAD-style updates of the layers that are not active (the BAdam authors' follow-up): during the same
-    backward, each such parameter takes one plain step `p -= lr x inactive_lr_scale x g` (`sgd`) or
-    `... x sign(g)` (`signsgd`) in its own dtype, and its gradient is freed at once; no state is kept."""
+    """BREAD-style updates of the layers that are not active (the BAdam authors' follow-up): at each optimizer
+    step, after its inf/NaN check, each such parameter takes one plain step `p -= lr x inactive_lr_scale x g`
+    (`sgd`) or `... x sign(g)` (`signsgd`) in its own dtype on the gradient the backward left on it, which is
+    then freed; no state is kept."""
 
     inactive_update: InactiveUpdate = field(default="none", metadata={
         "summary": "`sgd` or `signsgd`: cheap updates of the layers that are not active (BREAD)",
         "help": (
             "`none` (BAdam), `sgd` or `signsgd`: the layers that are not active take `p -= lr x inactive_lr_scale x "
-            "g` (or `sign(g)`) in the backward. Modes `layer` and `lisa`."
+            "g` (or `sign(g)`) at each optimizer step. Modes `layer` and `lisa`."
         ),
     })
     inactive_lr_scale: float = field(default=5.0, metadata={"help": (

@@ -42,3 +42,7 @@ class CheckpointReadError(BAdamError, ValueError):
 
 class NonFiniteGradientError(BAdamError, RuntimeError):
     """Training stopped: `max_skipped_steps` optimizer steps in a row had inf/NaN gradients."""
+
+
+class ClosedOptimizerError(BAdamError, RuntimeError):
+    """A `BlockOptimizer` used after `close()` (a newer BlockOptimizer built on its model closes it)."""

@@ -1,31 +1,29 @@
 """BREAD's inactive update: a stateless step (sgd or signsgd) for the parameters Adam does not train in the
-current block, taken inside the backward as each one's gradient is complete (`inactive_update`).
+current block (`inactive_update`).
 
-No moments and no masters: the gradient is applied and freed at once, so the frozen layers cost no memory
-beyond the backward's. Under gradient accumulation the step waits for the last micro-batch's backward (see
-`BlockOptimizer.register_boundary_check`); gradients still waiting at `step()` are applied there.
+No moments and no masters. The step is taken in `BlockOptimizer.step()`, after the step's non-finite check
+(which covers these gradients too) and after a loss scaler would have unscaled: a NaN anywhere in the step's
+backward leaves every weight bit-identical, inactive ones included. The price is that the inactive gradients
+(in the weights' dtype) wait on the parameters from the backward to the step, as they do under gradient
+accumulation anyway; gradient clipping sees them (they are part of the step's gradient).
 """
 
 from __future__ import annotations
 
-import functools
-
 import torch
-from torch.utils.hooks import RemovableHandle
 
 from .rounding import INACTIVE_STREAM, global_start, rounding_key, stochastic_add_
 from .shards import local_shard
 
 
 class InactiveUpdate:
-    """The inactive update of one `BlockOptimizer` (`opt`): which parameters take it (`names`) and the hooks
-    that take it. `follow(active)` re-targets it at each (re)activation; without `inactive_update` it holds
-    nothing."""
+    """The inactive update of one `BlockOptimizer` (`opt`): which parameters take it (`names`), made to require
+    grad so the backward leaves their gradients. `follow(active)` re-targets it at each (re)activation; without
+    `inactive_update` it holds nothing."""
 
     def __init__(self, opt):
         self.opt = opt
         self.names: list[str] = []  # frozen-for-Adam names that take the step in the current block
-        self.hooks: dict[str, RemovableHandle] = {}  # name -> its post-accumulate-grad hook
 
     def follow(self, active: list[str]) -> None:
         """Take the step on what the active names `active` leave (within `inactive_scope`)."""
@@ -50,30 +48,21 @@ class InactiveUpdate:
         return [n for n in rest if position(n) >= lowest]
 
     def set(self, names: list[str]) -> None:
-        """Hook exactly `names`; a name that leaves is frozen again (unless the inner optimizer trains it)."""
+        """Take the step on exactly `names`; a name that leaves is frozen again (unless the inner optimizer
+        trains it)."""
         params, keep = self.opt._params, set(names)
-        for name in list(self.hooks):
+        for name in self.names:
             if name not in keep:
-                self.hooks.pop(name).remove()
                 params[name].grad = None
                 if name not in self.opt._trainable:
                     params[name].requires_grad_(False)
         self.names = list(names)
         for name in names:
-            p = params[name]
-            p.requires_grad_(True)
-            if name not in self.hooks:
-                self.hooks[name] = p.register_post_accumulate_grad_hook(functools.partial(self.grad_hook, name))
+            params[name].requires_grad_(True)
 
-    def forget_hooks(self) -> None:
-        """The parameters were replaced (their hooks went with them): hook the new ones at the next `set`."""
-        self.hooks.clear()
-
-    def grad_hook(self, name: str, p: torch.Tensor) -> None:
-        """Post-accumulate-grad hook: in the last micro-batch's backward, take the step on the whole accumulated
-        gradient and free it (earlier micro-batches leave it accumulating)."""
-        if p.grad is not None and self.opt._at_boundary():
-            self.step(name, p)
+    def grads(self) -> list[torch.Tensor]:
+        """The gradients waiting for the step (what the non-finite check must see too)."""
+        return [p.grad for p in (self.opt._params[n] for n in self.names) if p.grad is not None]
 
     @torch.no_grad()
     def step(self, name: str, p: torch.Tensor) -> None:
@@ -91,7 +80,7 @@ class InactiveUpdate:
             p.add_(g, alpha=-lr)
 
     def apply_waiting(self) -> None:
-        """Take the step on the gradients still waiting (a backward that was not the boundary)."""
+        """Take the step on the waiting gradients (in `BlockOptimizer.step()`, once they are known finite)."""
         for name in self.names:
             p = self.opt._params[name]
             if p.grad is not None:

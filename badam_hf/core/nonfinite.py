@@ -21,10 +21,11 @@ class NonFiniteSteps:
 
     @torch.no_grad()
     def grads_finite(self) -> bool:
-        """Whether every gradient the inner optimizer is about to use is finite, on every rank: one fused
+        """Whether every gradient the step is about to use (the inner optimizer's, BREAD's) is finite, on every rank: one fused
         reduction (each tensor's largest |g|: NaN and inf propagate, no overflow) and, under an engine, one
         all-reduce of the verdict. Costs one host sync per step."""
         grads = [t.grad for g in self.inner.param_groups for t in g["params"] if t.grad is not None]
+        grads += self._inactive.grads()  # BREAD's step comes after this check: a NaN there skips it too
         if grads:
             norms = torch._foreach_norm(grads, float("inf"))
             bad = (~torch.stack([n.to(norms[0].device) for n in norms]).float().isfinite()).any().float()

@@ -12,11 +12,13 @@ else:
 The same machinery runs the block family's other members (`mode`): `lisa` activates several sampled
 blocks at once, `ratio` activates every block but gives the inner optimizer only the selected entries of
 each parameter (masters and moments of those entries alone), and `inactive_update` adds BREAD's stateless
-step for the frozen parameters inside the backward.
+step for the frozen parameters, taken in `step()` after the non-finite check.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
 from types import MappingProxyType
 from typing import Any
 
@@ -34,7 +36,7 @@ from .construction import (  # noqa: F401  (check_model, partition_for, schedule
     partition_for,
     schedule_for,
 )
-from .errors import BAdamConfigError
+from .errors import BAdamConfigError, ClosedOptimizerError
 from .extension_points import ExtensionPoints
 from .inactive_update import InactiveUpdate
 from .masters import BlockMasters, local_shard
@@ -42,6 +44,19 @@ from .nonfinite import NonFiniteSteps
 from .partition import Partition
 from .rebinding import ParameterRebinding
 from .selection import period_selections
+
+logger = logging.getLogger("badam_hf")
+
+# model -> weak reference to the BlockOptimizer that trains it now (see `close`). Weak both ways: the entry
+# keeps neither the model nor the optimizer alive, and nothing is stored on the model (it deep-copies as before).
+_LIVE: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def live_optimizer(model: nn.Module) -> "BlockOptimizer | None":
+    """The BlockOptimizer built on `model` and not closed yet, if any."""
+    ref = _LIVE.get(model)
+    opt = ref() if ref is not None else None
+    return None if opt is None or opt.closed else opt
 
 
 class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.optim.Optimizer):
@@ -89,6 +104,17 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
         self.model, self.config, self.mode = model, config, config.mode
         self.partition = partition if partition is not None else partition_for(model, config)
         self.schedule = schedule_for(self.partition, config)
+        # Nothing refused this one: it takes over from one still training the model (a second training stage,
+        # SFT then DPO; a notebook's second Trainer), whose hooks would keep cutting the backward and taking
+        # the gradients, and whose state would stay alive.
+        previous = live_optimizer(model)
+        if previous is not None:
+            logger.info("badam_hf: closing the BlockOptimizer already training this model (step %d, block %r); "
+                        "a new one takes over.", previous.global_step, previous.active_block_name)
+            previous.close()
+        self.closed = False
+        # What close() puts back: which parameters required grad before BAdam froze them.
+        self._requires_grad_before = {n: p.requires_grad for n, p in model.named_parameters()}
         self._params: dict[str, nn.Parameter] = dict(model.named_parameters())
         self._names: list[str] = list(self._params)
         self._index = {n: i for i, n in enumerate(self._names)}
@@ -108,13 +134,54 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
         self._group_dicts = tuple(self.param_groups)  # an engine may drop empty groups (DeepSpeed does)
         self._init_rebinding()  # an engine may replace the parameters after this: looked for at the first step
         self._activate(self.active_blocks, fresh=True)
+        _LIVE[model] = weakref.ref(self)
         for hook in list(self._init_hooks.values()):
             hook(self)
+
+    @torch.no_grad()
+    def close(self) -> None:
+        """Undo what this optimizer did to the model and free its state; idempotent. Removed: the backward
+        truncation's forward hooks (HF's input-require-grads hooks it took away come back), the fp32-gradient
+        and inactive-update gradient hooks on the parameters, the engines' switch hooks, checks and driver.
+        Freed: masters, moments, the fp32 gradient buffer and every gradient on the parameters. Each parameter
+        requires grad again as it did before the optimizer was built. Layers compiled by `--torch_compile`
+        stay compiled (that is the model's, and a later run reuses it). Building a new BlockOptimizer on the
+        same model closes this one; the Trainer's end of training does not (`train()` may be called again).
+        Stepping a closed optimizer raises `ClosedOptimizerError`."""
+        if self.closed:
+            return
+        self.closed = True
+        masters = self._block_masters
+        self._drop_state_of(list(dict.fromkeys([*self._trainable, *masters.masters, *masters.grad_hooks])))
+        masters.buffers = []
+        self.inner.state.clear()
+        self._inactive.set([])
+        self.truncation.remove()
+        for registry in (self._switch_hooks, self._grad_keep_checks, self._boundary_checks, self._flag_reducers):
+            registry.clear()
+        self._driver = None
+        self._trainable, self._selections = [], {}
+        for groups in (self.param_groups, self.inner.param_groups):
+            for group in groups:
+                group["params"][:] = []
+        for name, p in self._params.items():
+            p.grad = None
+            p.requires_grad_(self._requires_grad_before.get(name, True))
+        if _LIVE.get(self.model) is not None and _LIVE[self.model]() is self:
+            del _LIVE[self.model]
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ClosedOptimizerError(
+                "this BlockOptimizer was closed (a newer BlockOptimizer was built on the same model, which closes "
+                "the one before it); step the newer one, or build a new optimizer for this model."
+            )
 
     # --- the algorithm: step, advance, activate -------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure=None):
+        self._check_open()
         if self._driver is not None:
             return self._driver.step(closure)
         loss = None
@@ -141,6 +208,7 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
             self._activate(self.schedule.active_at(self.global_step))
 
     def _activate(self, blocks: tuple[int, ...], fresh: bool = False) -> None:
+        self._check_open()  # the one path that (re)installs hooks on the model
         blocks = tuple(blocks)
         always = set(self.partition.always_active)
         new = [n for b in blocks for n in self.partition.blocks[b].param_names] + list(self.partition.always_active)
@@ -183,10 +251,19 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
     @torch.no_grad()
     def _skip_step(self) -> None:
         """Drop this step's gradients; weights, masters and moments stay as they were (masters held split go
-        back to being split: the weights are rewritten with the bits they already hold)."""
-        self._block_masters.drop_grads(split=True)
+        back to being split: the weights are rewritten with the bits they already hold). A skipped step still
+        counts towards K: at a block's last step (or training's) the unchanged masters are written back with
+        `switch_rounding` before the switch drops them, as a step taken there would have."""
+        done = self.global_step + 1
+        final = self.total_steps is not None and done == self.total_steps
+        block_ends = self.schedule.switches_at(done)
+        self._block_masters.drop_grads(split=not (block_ends or final))
         for name in self._trainable + self._inactive.names:
             self._params[name].grad = None
+        if block_ends or final:
+            self._block_masters.store(block_ends=block_ends, final=final, step=done)
+            if final:
+                self._finished_at = done
         self.note_step(skipped=True)
         self.advance()
 
@@ -385,6 +462,7 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
     def state_dict(self) -> dict[str, Any]:
         """Plain containers and tensors only, so `torch.load(weights_only=True)` reads it (the format:
         `badam_hf.core.checkpoint`)."""
+        self._check_open()
         self._rebind_if_not_stepped()
         for pre_hook in self._optimizer_state_dict_pre_hooks.values():
             pre_hook(self)
@@ -397,6 +475,7 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from `state_dict`, after checking that it belongs to this run (see `check_state_dict`)."""
+        self._check_open()
         self._rebind_if_not_stepped()
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():

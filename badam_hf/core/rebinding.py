@@ -52,7 +52,6 @@ class ParameterRebinding:
         self._params = {n: current[n] for n in self._names}
         for p in self._params.values():
             p.requires_grad_(False)
-        self._inactive.forget_hooks()  # their hooks went with the old parameters
         self._activate(self.active_blocks, fresh=True)
         return True
 
@@ -62,5 +61,5 @@ class ParameterRebinding:
             self._has_stepped = True
 
     def _rebind_if_not_stepped(self) -> None:
-        if not self._has_stepped and self._driver is None:  # a driving engine owns the parameters' layout
+        if not self._has_stepped and self._driver is None and not self.closed:  # a driving engine owns the parameters' layout
             self.rebind_parameters()

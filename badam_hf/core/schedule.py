@@ -108,10 +108,9 @@ class BlockSchedule:
         return (self.block_at(step),)
 
     def switches_at(self, step: int) -> bool:
-        """Whether step `step + 1` trains other blocks than step `step` (a new period of mode lisa or ratio always
-        starts afresh, even when it draws the same layers)."""
-        if step == 0:
-            return True
-        if self.periodic:
-            return step % self.switch_every == 0
-        return self.block_at(step) != self.block_at(step - 1)
+        """Whether step `step + 1` starts a new visit: every `switch_every` steps, whichever blocks it trains. A
+        visit that draws the block just trained (random order across a block-epoch boundary, `fixed`, a single
+        block, a period of mode lisa or ratio that draws the same layers) restarts it all the same: the block's
+        last step writes its masters back with `switch_rounding`, and the next visit starts with fresh masters
+        and moments. Every visit is exactly K steps."""
+        return step % self.switch_every == 0

@@ -163,13 +163,14 @@ def check_same_block(opt, group=None) -> None:
 
 
 def check_mode_supported(opt, engine: str) -> None:
-    """Refuse, before training, what an engine cannot run: BREAD's in-backward step anywhere distributed (each
-    rank would step its inactive layers with its own unreduced gradient), and modes ratio/lisa under ZeRO-3."""
+    """Refuse, before training, what an engine cannot run: BREAD's inactive step anywhere distributed (the
+    engines synchronise the active block only: each rank would step its inactive layers with its own
+    gradient), and modes ratio/lisa under ZeRO-3."""
     if opt.config.inactive.enabled:
         raise DistributedSetupError(
             f"inactive_update={opt.config.inactive.inactive_update!r} is not supported under {engine}: the inactive "
-            "layers take their step inside the backward, from this rank's own gradient, before any all-reduce, so "
-            "the replicas would drift apart. Train with inactive_update=none, or in one process."
+            "layers would take their step from this rank's own gradient (the engine synchronises the active block "
+            "only), so the replicas would drift apart. Train with inactive_update=none, or in one process."
         )
     if engine.startswith("DeepSpeed") and opt.config.switch_rounding == "stochastic":
         raise DistributedSetupError(

@@ -20,7 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from ..core.config import BAdamConfig
-from ..core.errors import CheckpointMismatchError
+from ..core.errors import BAdamConfigError, CheckpointMismatchError
 from ..core.optimizer import BlockOptimizer, check_model, partition_for, schedule_for, unwrap_optimizer
 from ..engines.common import read_optimizer_state
 from ..engines.dispatch import attach_wrapped_model, check_training_args
@@ -47,6 +47,19 @@ def block_optimizer_from_args(
     )
 
 
+def refuse_loss_scaling_with_inactive_update(config: BAdamConfig) -> None:
+    """fp16 loss scaling and BREAD's inactive update cannot train together: the scaler unscales and inf-checks
+    only the optimizer's param groups (the active block), so the inactive step would use gradients `scale`
+    times too large, and take it on an overflow the scaler skips."""
+    if config.inactive.enabled:
+        raise BAdamConfigError(
+            f"inactive_update={config.inactive.inactive_update!r} cannot train with fp16 loss scaling (--fp16): the "
+            "loss scaler unscales and checks for inf/NaN only the gradients of the active block, so the inactive "
+            "layers' step would be scaled and would not be skipped on an overflow. Train in bf16 (--bf16, no loss "
+            "scaling needed) or with inactive_update=none."
+        )
+
+
 class BAdamCallback(TrainerCallback):
     """Aligns the block schedule with the Trainer's step count and logs the active block."""
 
@@ -70,6 +83,8 @@ class BAdamCallback(TrainerCallback):
             opt.total_steps = state.max_steps  # its last step drops every master (switch_rounding applies)
         # Multi-process DDP: the Trainer has wrapped the model by now; keep its reducer on the active block.
         if opt is not None and trainer is not None:
+            if getattr(trainer.accelerator, "scaler", None) is not None:
+                refuse_loss_scaling_with_inactive_update(opt.config)
             attach_wrapped_model(getattr(trainer, "model_wrapped", None), opt)
             if getattr(trainer.accelerator, "scaler", None) is not None and getattr(self, "_scaler_kept", None) is not opt:
                 # fp16 loss scaling unscales and checks the gradients on the optimizer's parameters: leave them
@@ -77,12 +92,6 @@ class BAdamCallback(TrainerCallback):
                 # may build a new one).
                 opt.register_grad_keep_check(lambda: True)
                 self._scaler_kept = opt
-            if opt.config.inactive.enabled and getattr(self, "_boundary_for", None) is not opt:
-                # BREAD's in-backward step belongs to the last micro-batch of each optimizer step: the Trainer
-                # says which one that is (it sets sync_gradients before that micro-batch's backward).
-                accelerator = trainer.accelerator
-                opt.register_boundary_check(lambda: bool(accelerator.sync_gradients))
-                self._boundary_for = opt
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # A step the loss scaler (fp16) skipped never reached BlockOptimizer.step(); the Trainer counts it all
@@ -256,6 +265,8 @@ class BAdamMixin:
             badam_config = BAdamConfig.from_optim_args(self.args.optim_args, self.args.optim_target_modules)
         self.badam_config = badam_config
         check_training_args(self.args)
+        if getattr(self.args, "fp16", False):
+            refuse_loss_scaling_with_inactive_update(badam_config)
         # Fail now, before any data is touched by train(): bad model, bad partition, bad start block.
         check_model(self.model)
         self._badam_partition = (self.model, partition_for(self.model, badam_config))

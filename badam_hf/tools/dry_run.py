@@ -52,6 +52,7 @@ PHASE_KINDS = {
     "forward: loss": "loss temporaries",
     "backward: loss": "loss temporaries",
     "backward": "backward temporaries",
+    "checkpoint save": "checkpoint temporaries",
 }
 
 
@@ -523,9 +524,29 @@ def _run_steps(setting: Setting, method: str, device, model, counter: StorageCou
         names = ["first step of a block"] + ([f"later step (K={K})"] if K >= 2 else [])
     else:
         names = ["step 1", "step 2"]  # the moments exist from the second step on
+    save = None
     for name in names:
         steps.append({"step": name, **_step(model, inputs, counter, opt, has_head, loss_context)})
-    return steps
+        if method == "badam" and save is None:
+            # After a block's first step: mid-visit for K >= 2, where a save finds the most (masters, moments).
+            save = {"step": "checkpoint save", **_save(counter, opt)}
+    return steps + ([save] if save else [])
+
+
+def _save(counter: StorageCounter, opt) -> dict:
+    """A checkpoint written between two steps (where the Trainer saves): what building the optimizer's state
+    dict holds on the device. Its host copies are not device memory: dropped here."""
+    from ..core import checkpoint
+
+    counter.reset_peak()
+    counter.set_phase("checkpoint save")
+    state = checkpoint.state_dict(opt, to_host=lambda t: None)
+    del state
+    counter.set_phase("after save")
+    counter.finish()
+    return {"peak_bytes": counter.peak, "phase": counter.peak_phase,
+            "alive_at_peak": dict(sorted(counter.peak_alive.items(), key=lambda kv: -kv[1])),
+            "peak_bytes_cuda_rounded": counter.peak_rounded, "phase_peaks": dict(counter.phase_peaks)}
 
 
 def _collect(labelers) -> dict:

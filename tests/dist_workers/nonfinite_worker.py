@@ -2,7 +2,8 @@
 
 Usage: PYTHONPATH=.. python -m torch.distributed.run --standalone --nproc_per_node 2 nonfinite_worker.py OUT_DIR
 
-After the DDP all-reduce of step 1, rank 0 alone writes a NaN into one gradient entry (as a fault after the
+After the DDP all-reduce of step 3 (block 1's first step: not a block's last, whose skip still writes the
+masters back with switch_rounding), rank 0 alone writes a NaN into one gradient entry (as a fault after the
 reduction would). With the DDP sync's flag reduce both ranks skip that step; in the control (the flag reduce
 removed) rank 1 steps alone. Every rank writes its final parameters and its counts per scenario.
 """
@@ -39,19 +40,19 @@ def run(sc, rank, out):
     for step in range(4):
         ids = batch(11, step, 0, rank)
         ddp(input_ids=ids, labels=ids).loss.backward()
-        if step == 1 and rank == 0:
+        if step == 2 and rank == 0:
             holder = next(h for h in opt.gradient_holders(model.parameters()) if h.grad is not None)
             holder.grad.view(-1)[0] = float("nan")
         before = params_cpu(model)
         opt.step()
         opt.zero_grad()
-        if step == 1:
+        if step == 2:
             after = params_cpu(model)
             unchanged = all(torch.equal(before[n], after[n]) for n in before)
     torch.save(params_cpu(model), os.path.join(out, f"{sc['name']}_rank{rank}.pt"))
     write_json(os.path.join(out, f"{sc['name']}_rank{rank}.json"),
                {"skipped": opt.skipped_steps, "step": opt.global_step, "block": opt.active_block,
-                "step1_unchanged": unchanged})
+                "skipped_step_unchanged": unchanged})
 
 
 def main():
