@@ -18,7 +18,7 @@ from tiny_models import snapshot
 
 pytestmark = pytest.mark.integration
 
-VOCAB = 64
+VOCAB = 64  # the tiny models' vocabulary (tests/tiny_models.py)
 
 
 def hook_count(model) -> int:
@@ -30,10 +30,10 @@ def hook_count(model) -> int:
 def test_badam_sft_then_badam_dpo_trains_every_block_the_second_stage_visits(tmp_path, tiny_llama):
     from trl import DPOConfig, DPOTrainer
 
-    from test_trl_script import WORDS, _tokenizer
+    from trl_local import WORDS, tokenizer as word_tokenizer
 
     model, ref = tiny_llama(layers=4), tiny_llama(layers=4)
-    tokenizer = _tokenizer()
+    tokenizer = word_tokenizer()
     common = dict(per_device_train_batch_size=2, learning_rate=1e-3, report_to="none", use_cpu=True,
                   save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, bf16=False)
 
