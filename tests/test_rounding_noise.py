@@ -143,3 +143,23 @@ def test_kernel_count_report_for_an_8b_layer():
     assert c["badam_nearest"]["last"]["host_ops"] == 0 < c["badam_default"]["last"]["host_ops"]
     assert c["last_step_vs_fused_adamw"] == c["badam_default"]["last"]["kernels"] / fused
     assert "| torch AdamW(fused=True) |" in "\n".join(markdown(c))
+
+
+def test_the_gpu_formulation_gives_the_cpu_bits():
+    """Off the CPU a pass always clamps and masks NaN and reads the high halves with a strided copy; on the CPU a
+    NaN-free tensor skips the clamp and the mask and shifts. Both give the same bits (no GPU needed to check the
+    arithmetic: the two are run here on CPU tensors)."""
+    from badam_hf.core.rounding import _round
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.cat([torch.randn(5000, generator=g) * 0.02, torch.tensor([0.0, -0.0, 1e38, -3.4e38, float("inf")])])
+    noise = torch.randint(0, 65536, (x.numel(),), generator=g, dtype=torch.int32)
+    cpu_path = torch.empty(x.numel(), dtype=torch.int16)
+    _round(x, noise, cpu_path, torch.empty(x.numel(), dtype=torch.int32), fix_nan=False)
+    t = torch.clamp(x.view(torch.int32), max=0x7FC00000).add_(noise)
+    gpu_path = t.view(torch.int16)[1::2].clone()
+    gpu_path.masked_fill_(torch.isnan(x), 0x7FC0)
+    assert torch.equal(cpu_path, gpu_path)
+    both = torch.empty_like(cpu_path)
+    _round(x, noise, both, torch.empty(x.numel(), dtype=torch.int32), fix_nan=True)
+    assert torch.equal(both, cpu_path)

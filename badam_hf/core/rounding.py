@@ -156,10 +156,13 @@ def _round(x: torch.Tensor, noise: torch.Tensor, dst: torch.Tensor, t: torch.Ten
 
     The int32 sum never overflows (signed overflow is undefined in C++, so no result may depend on how a
     device wraps it): a finite or infinite pattern is at most 0x7F800000, a negative one is -2**31 + a
-    magnitude and stays below zero, and the clamp caps a positive NaN's pattern at 0x7FC00000. A NaN may
-    come out as inf or another pattern; `fix_nan` writes torch's NaN (0x7FC0) over every NaN's result."""
-    torch.clamp(x.view(torch.int32), max=0x7FC00000, out=t)
-    t.add_(noise)
+    magnitude and stays below zero, and with `fix_nan` (whenever `x` may hold a NaN) a clamp caps a positive
+    NaN's pattern at 0x7FC00000 first. A NaN may come out as inf or another pattern there; `fix_nan` then
+    writes torch's NaN (0x7FC0) over every NaN's result."""
+    if fix_nan:
+        torch.clamp(x.view(torch.int32), max=0x7FC00000, out=t).add_(noise)
+    else:  # no NaN here (the caller checked): the clamp would change nothing
+        torch.add(x.view(torch.int32), noise, out=t)
     if t.device.type == "cpu":
         dst.copy_(t.bitwise_right_shift_(16))  # on the CPU a shift and a plain copy beat a strided copy
     else:
