@@ -72,7 +72,9 @@ demo: install
 	$(PYTHON) -m badam_hf.demo --out demo_report $(DEMO_ARGS)
 
 # Speed and memory of BAdam vs AdamW, LoRA and the authors' package, each method in its own process;
-# writes benchmarks/results/<shape>/. On a GPU: make bench BENCH_ARGS="--shape llama3-8b".
+# writes benchmarks/results/<shape>/, with the kernels one optimizer step launches over a Llama 3-8B layer (meta
+# device). On a GPU: make bench BENCH_ARGS="--shape llama3-8b". The optimizer step of the default rounding
+# against nearest and the authors' package, K=1 and K=4: make bench BENCH_ARGS="--methods rounding".
 bench: install
 	$(PYTHON) benchmarks/bench.py $(BENCH_ARGS)
 

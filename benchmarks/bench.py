@@ -1,13 +1,17 @@
 """Benchmark BAdam against AdamW, LoRA and the authors' `badam` package on a random-init Llama.
 
     python benchmarks/bench.py [--shape cpu|tiny|llama3-8b] [--steps N] [--methods badam,adamw,lora,reference]
-                               [--out DIR] [--batch B --seq S] [--gradient-checkpointing]
+                               [--out DIR] [--batch B --seq S] [--gradient-checkpointing] [--no-kernel-count]
+    python benchmarks/bench.py --methods rounding   # optimizer step: default vs nearest vs the authors', K=1, 4
 
 Every method trains the same model (same seed, same random token batches) for the same number of steps, each
 in a process of its own (badam_hf.tools.harness.run_isolated), so peak-memory numbers do not leak between methods.
 Per method it measures: peak memory (CPU: peak RSS; GPU: torch.cuda.max_memory_allocated), the bytes held in
 gradients, fp32 master copies and optimizer state (counted tensor by tensor at the end of the inner optimizer
 step, when all of them exist at once), and forward / backward / optimizer-step time per step.
+
+The report also counts the device kernels one optimizer step launches over a Llama 3-8B decoder layer
+(badam_hf.tools.kernel_count, on the meta device: no GPU needed) beside torch's fused AdamW.
 
 BAdam switches block every step (K=1, ascending) and the timed steps cover whole block-epochs, so its backward
 time is averaged over every depth of the active layer. Results go to benchmarks/results/<shape>/ as
@@ -81,7 +85,15 @@ METHOD_SPECS = {
     "badam_lisa": MethodSpec("LISA 2 layers + emb/head (badam_hf)", "block", block_settings=dict(mode="lisa", lisa_layers=2)),
     "badam_bread": MethodSpec("BAdam + BREAD sgd above (badam_hf)", "block",
                               block_settings=dict(ASCENDING, inactive_update="sgd", inactive_scope="above")),
+    # the rounding at a block's end: the default (stochastic) against nearest and the authors' package
+    "badam_nearest": MethodSpec("BAdam nearest (badam_hf)", "block", block_settings=dict(ASCENDING, switch_rounding="nearest")),
+    "reference_k4": MethodSpec("BAdam K=4 (authors' badam pkg)", "reference", 4),
+    "badam_k4": MethodSpec("BAdam K=4 (badam_hf)", "block", 4, ASCENDING),
+    "badam_k4_nearest": MethodSpec("BAdam K=4 nearest (badam_hf)", "block", 4,
+                                   dict(ASCENDING, switch_rounding="nearest")),
 }
+# `--methods rounding`: the optimizer step of the default rounding against nearest and the authors', K=1 and K=4
+GROUPS = {"rounding": "reference,badam,badam_nearest,reference_k4,badam_k4,badam_k4_nearest"}
 METHODS = tuple(METHOD_SPECS)
 LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
 PHASE_STEPS = 2  # steps after the timed ones, counted tensor by tensor (LiveTensorBytes), phase by phase
@@ -560,6 +572,11 @@ def markdown(results: dict, meta: dict) -> str:
         b = r["bytes"]
         lines.append(f"| {r['label']} | {b['weights']:,} | {b['grads']:,} | {b['masters']:,} | {b['moments']:,} | "
                      f"{b['step_scalars']:,} |")
+    lines += step_table(rows)
+    if results.get("kernel_count"):
+        from badam_hf.tools.kernel_count import markdown as kernel_markdown
+
+        lines += kernel_markdown(results["kernel_count"])
     lines += live_tables(rows)
     lines += ["", "## Paper's expectations next to the measurements", ""]
     D = meta["num_layers"]
@@ -620,6 +637,29 @@ def markdown(results: dict, meta: dict) -> str:
         )
     lines.append("")
     return "\n".join(lines)
+
+
+def step_table(rows: dict) -> list[str]:
+    """The optimizer step of the default rounding (stochastic at a block's end) against nearest and the authors'
+    package, per K, from the rows this run measured (`--methods rounding`)."""
+    out = []
+    for K, (theirs, ours, near) in ((1, ("reference", "badam", "badam_nearest")),
+                                    (4, ("reference_k4", "badam_k4", "badam_k4_nearest"))):
+        if ours not in rows or not ({theirs, near} & set(rows)):
+            continue
+        t = lambda m: rows[m]["time"]["optimizer_s"] if m in rows else None
+        med = lambda m: rows[m]["time"]["median_optimizer_s"] if m in rows else None
+        ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b is not None else "-"
+        cell = lambda m: f"{t(m):.4f} ({med(m):.4f})" if m in rows else "-"
+        out.append(f"| {K} | {cell(theirs)} | {cell(ours)} | {cell(near)} | {ratio(t(ours), t(theirs))} | "
+                   f"{ratio(t(ours), t(near))} |")
+    if not out:
+        return []
+    return ["", "## Optimizer step: the default rounding against nearest and the authors' package", "",
+            "Seconds per optimizer step, mean (median) over the timed steps, each method in its own process. "
+            "Default: `switch_rounding=auto` (stochastic where a block's masters are written the last time).", "",
+            "| K | authors' `badam` | badam_hf default | badam_hf nearest | default / authors' | default / nearest |",
+            "|---|---|---|---|---|---|", *out]
 
 
 def training_growth(r: dict) -> int:
@@ -714,6 +754,7 @@ class BenchSettings:
     cpu: bool = False
     seed: int = 0
     glibc_default: bool = False
+    no_kernel_count: bool = False
     worker: str | None = None
 
 
@@ -722,7 +763,10 @@ def main(argv=None) -> int:
     p.add_argument("--shape", choices=list(SHAPES), default="cpu")
     p.add_argument("--steps", type=int, default=None,
                    help="timed steps per method (default: one block-epoch, D = number of layers)")
-    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--methods", default=",".join(METHODS),
+                   help=f"comma-separated methods, or a group: {', '.join(f'{k} = {v}' for k, v in GROUPS.items())}")
+    p.add_argument("--no-kernel-count", action="store_true",
+                   help="leave out the kernel count of one optimizer step over a Llama 3-8B layer (meta device)")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/<shape>)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--seq", type=int, default=None)
@@ -750,7 +794,7 @@ def main(argv=None) -> int:
     if args.steps < 1:
         p.error("--steps must be >= 1")
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    methods = [m.strip() for m in GROUPS.get(args.methods, args.methods).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         p.error(f"unknown method(s) {bad}; choose from {', '.join(METHODS)}")
@@ -807,6 +851,10 @@ def main(argv=None) -> int:
                 "step_time": r["time"]["step_s"] / ref["time"]["step_s"],
             }
     results = {"meta": meta, "methods": rows}
+    if not args.no_kernel_count:
+        from badam_hf.tools.kernel_count import count_llama3_8b_layer
+
+        results["kernel_count"] = count_llama3_8b_layer()
     md = markdown(results, meta)
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f, indent=1)

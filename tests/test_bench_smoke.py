@@ -31,10 +31,16 @@ def test_the_method_table():
     bench = _bench_module()
     specs = bench.METHOD_SPECS
     assert bench.METHODS == ("badam", "adamw", "lora", "reference", "badam_k100", "reference_k100", "badam_ratio",
-                             "badam_lisa", "badam_bread")
-    assert {m for m, s in specs.items() if s.block_epoch_aligned} == {"badam", "reference", "badam_bread"}
+                             "badam_lisa", "badam_bread", "badam_nearest", "reference_k4", "badam_k4",
+                             "badam_k4_nearest")
+    assert {m for m, s in specs.items() if s.block_epoch_aligned} == {"badam", "reference", "badam_bread",
+                                                                      "badam_nearest"}
     assert {m for m, s in specs.items() if s.layerwise} == {"badam", "reference", "badam_k100", "reference_k100",
-                                                            "badam_bread"}
+                                                            "badam_bread", "badam_nearest", "reference_k4",
+                                                            "badam_k4", "badam_k4_nearest"}
+    # `--methods rounding`: the default against nearest and the authors', at K=1 and K=4
+    assert [specs[m].switch_every for m in bench.GROUPS["rounding"].split(",")] == [1, 1, 1, 4, 4, 4]
+    assert specs["badam_nearest"].block_settings["switch_rounding"] == "nearest"
     assert specs["badam_k100"].switch_every == specs["reference_k100"].switch_every == 100
     assert {s.optimizer for s in specs.values()} == {"block", "adamw", "lora", "reference"}
 

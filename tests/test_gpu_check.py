@@ -47,9 +47,9 @@ def test_tiny_mode_writes_the_json(tmp_path):
     first, later, save = ss["steps"]
     assert save["predicted_phase"] == "checkpoint save"
     # With the chunked loss (BAdam's default) the later step's peak is in backward, no longer at the loss.
-    # The later step ends the block (K=2): at this tiny shape the int64 temporaries of the default stochastic
-    # rounding (switch_rounding=auto) outweigh the backward's activations, so it peaks at the write-back.
-    assert first["predicted_phase"] == "step: inner AdamW" and later["predicted_phase"] == "step: write back"
+    # The later step ends the block (K=2): the default stochastic rounding's temporaries (int32, one pass of at
+    # most 2**14 entries, and the noise tables) stay below the backward's activations even at this tiny shape.
+    assert first["predicted_phase"] == "step: inner AdamW" and later["predicted_phase"] == "backward"
     for mem in (b["memory"], lora["memory"]):
         assert mem["predicted_max_allocated_gb"] > 0
     assert "predicted" in r.stdout and "later step (K=2)" in r.stdout

@@ -14,7 +14,7 @@ import functools
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .rounding import SWITCH_STREAM, rounding_key, store_stochastic
+from .rounding import SWITCH_STREAM, chunk_elements, rounding_key, store_stochastic
 from .selection import GatheredMasters, selection_template
 from .shards import Selection, flat_like, is_sharded, local_shard, selected, write_selected  # noqa: F401
 
@@ -65,23 +65,29 @@ def masters_to_params(params: list[torch.Tensor], masters: list[torch.Tensor]) -
 # (-0x8000, 0x8000] (in units of the master's last bit), 65536 values: one int16.
 
 
-# Elements per pass: the one int32 temporary of a split stays at 4 MiB whatever the tensor's size.
+# Elements per pass on the CPU: the one int32 temporary of a split stays at 4 MiB whatever the tensor's size.
+# Elsewhere (CUDA) the rounding's larger passes (`chunk_elements`): a pass is several kernel launches.
 SPLIT_CHUNK = 1 << 20
+
+
+def _split_chunk(device: torch.device) -> int:
+    return SPLIT_CHUNK if device.type == "cpu" else chunk_elements(device)
 
 
 @torch.no_grad()
 def split_master(master: torch.Tensor, weight: torch.Tensor, low: torch.Tensor) -> None:
     """Write the rounded master into `weight` (bf16) and its low 16 bits into `low` (int16), in place."""
     bits, hi, lo = master.reshape(-1).view(torch.int32), weight.reshape(-1).view(torch.int16), low.reshape(-1)
-    for start in range(0, bits.numel(), SPLIT_CHUNK):
-        b = bits[start:start + SPLIT_CHUNK]
+    step = _split_chunk(bits.device)
+    for start in range(0, bits.numel(), step):
+        b = bits[start:start + step]
         # + 0x7FFF carries into the top half exactly when the low half is above 0x8000: round to nearest, ties
         # toward zero (the bit pattern is sign-magnitude, so this holds for negative values too).
         t = b + 0x7FFF
         t.bitwise_right_shift_(16)
-        hi[start:start + SPLIT_CHUNK].copy_(t)  # int32 -> int16 keeps the low 16 bits: the bf16 pattern
+        hi[start:start + step].copy_(t)  # int32 -> int16 keeps the low 16 bits: the bf16 pattern
         t.bitwise_left_shift_(16).neg_().add_(b).sub_(1)  # the residual minus one, in [-0x8000, 0x7FFF]
-        lo[start:start + SPLIT_CHUNK].copy_(t)
+        lo[start:start + step].copy_(t)
 
 
 @torch.no_grad()

@@ -6,14 +6,25 @@ than half a bf16 ulp survives on average instead of being lost. The bit trick: a
 half of the fp32 pattern and keep the top half (the pattern is sign-magnitude, so this rounds the magnitude,
 and a carry moves to the next binade exactly as the next bf16 number).
 
-The random bits are a pure function of a key and of each entry's position in the whole flattened parameter
-(a counter-based hash, no generator state): ranks holding different shards of one tensor draw what a single
-process would, any number of ranks gives the same weights, CPU and CUDA agree, and a resumed run draws what an
+The random bits are a pure function of a key and of each entry's position p in the whole flattened parameter
+(counter-based, no generator state): ranks holding different shards of one tensor draw what a single process
+would, any number of ranks gives the same weights, CPU and CUDA agree, and a resumed run draws what an
 uninterrupted one did. Keys come from (seed, step, parameter index, stream) through `rounding_key`.
-Work runs in chunks: the temporaries stay a few MiB whatever the tensor's size.
+
+The noise of position p is F(p // ROW) xor G(p % ROW): two short tables (one entry per row of ROW positions,
+one per column), hashed from the key and their index with a 32-bit integer hash (`noise16`). Over keys every
+entry's noise is uniform on [0, 65536) (so the rounding is unbiased) and any two entries' noises are
+independent (they differ in row or column, and a different row or column is an independent draw): the
+rounding errors of any linear combination of weights have the mean and variance of independent draws. The
+tables are hashed on the CPU (exact int64 arithmetic, a few thousand entries per tensor) and moved to the
+tensor's device in one copy; per entry the device then runs eight exact integer/bit kernels (`_round`), in
+passes sized per device (`chunk_elements`).
 """
 
 from __future__ import annotations
+
+import math
+import sys
 
 import torch
 
@@ -25,17 +36,34 @@ from .schedule import period_seed
 SWITCH_STREAM = 0x5357  # a block's masters written into the weights for the last time
 INACTIVE_STREAM = 0x494E  # BREAD's in-backward update of a frozen bf16 weight
 
-# Entries per pass: a handful of int64 temporaries of this size (8 MiB each).
-CHUNK = 1 << 20
+# Entries per pass on the CPU: the temporaries (8 bytes an entry) stay in the core's cache, and every op stays
+# (the noise of a pass, with its whole rows, too) below torch's parallel grain (32768): a two-thread op per pass
+# costs its threads' wake-up and, on a loaded machine, waits for the busier core (measured: up to 10x slower).
+CHUNK = 1 << 14
+# Entries per pass elsewhere (CUDA; meta stands in for it in the dry run): a pass is six kernel launches, so
+# few passes per tensor (an 8B MLP matrix: 4), at most 9 x 16M bytes = 144 MiB of temporaries.
+DEVICE_CHUNK = 1 << 24
+
+# Positions per noise row. Prime, so that the rows of the noise never line up with a weight matrix's rows.
+ROW = 4099
+_COLUMN_TAG = 1 << 40  # column indices are hashed as ROW + tag..: never equal to a row index
 
 _M32 = 0xFFFFFFFF
 _BF16_NAN = 0x7FC0  # what torch's conversion gives for any NaN
+
+if sys.byteorder != "little":  # the high half of an int32 is read as the second int16 of its pair
+    raise ImportError("badam_hf's stochastic rounding assumes a little-endian machine")
 
 
 def rounding_key(seed: int, step: int, index: int, stream: int) -> int:
     """A 64-bit key for the noise of parameter `index` at optimizer step `step` (the count of steps done once
     this write lands), hashed so that neighbouring inputs give unrelated noise."""
     return period_seed(seed, step, (index << 16) ^ stream)
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Entries per pass: cache-sized on the CPU, large where each kernel launch costs (CUDA)."""
+    return CHUNK if torch.device(device).type == "cpu" else DEVICE_CHUNK
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -56,26 +84,91 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def noise16(key: int, positions: torch.Tensor) -> torch.Tensor:
-    """16 uniform random bits (int64 in [0, 65535]) for each position (int64, >= 0) under `key`."""
+    """16 uniform random bits (int64 in [0, 65535]) for each index (int64, >= 0) under `key`: the hash the
+    noise tables are made of."""
     k0, k1 = key & _M32, (key >> 32) & _M32
     h = _mix32((positions & _M32) ^ k0)
     h = _mix32(h.bitwise_xor_((positions >> 32) ^ k1))
     return h.bitwise_right_shift_(16)
 
 
-def _positions(where: int | torch.Tensor, start: int, n: int, device) -> torch.Tensor:
-    if isinstance(where, int):
-        return torch.arange(where + start, where + start + n, dtype=torch.int64, device=device)
-    return where[start:start + n].to(device=device, dtype=torch.int64)
+def noise_at(key: int, positions: torch.Tensor) -> torch.Tensor:
+    """The noise (int64 in [0, 65535]) of the entries at `positions` (int64, any device) under `key`: what
+    every other path draws for them."""
+    return noise16(key, positions // ROW).bitwise_xor_(noise16(key, positions % ROW + _COLUMN_TAG))
 
 
-@torch.no_grad()
-def round_chunk(x: torch.Tensor, key: int, positions: torch.Tensor) -> torch.Tensor:
-    """The bf16 bit patterns (int64) of fp32 `x` (flat) stochastically rounded, one draw per position."""
-    bits = x.view(torch.int32).to(torch.int64)  # sign-extended: a negative value keeps its magnitude bits
-    t = bits.add_(noise16(key, positions)).bitwise_right_shift_(16)  # finite: the magnitude never reaches 2**31
-    # inf has zero low bits and stays inf; a NaN's low bits could carry it to inf: give torch's NaN instead.
-    return torch.where(torch.isnan(x), torch.full_like(t, _BF16_NAN), t)
+class _Noise:
+    """The noise of positions [lo, lo + n) under `key`, on `device`: the tables of the rows they touch and of
+    the columns, hashed on the CPU and moved in one copy, and the buffers a pass works in (made once per
+    tensor and reused by every pass: on the CPU a fresh allocation per pass costs more than the pass)."""
+
+    def __init__(self, key: int, lo: int, n: int, device, step: int):
+        self.lo, self.row0 = lo, lo // ROW
+        if n <= ROW:  # a short range (a norm's weight): its own noise, cheaper than a table of ROW columns
+            host = noise_at(key, torch.arange(lo, lo + n, dtype=torch.int64)).to(torch.int32)
+            self.direct = host.to(device, copy=True)  # a copy on the CPU too: the CPU and meta allocate alike
+            del host
+        else:
+            self.direct = None
+            rows = (lo + n - 1) // ROW - self.row0 + 1
+            idx = torch.arange(ROW + rows, dtype=torch.int64)
+            idx[:ROW] += _COLUMN_TAG
+            idx[ROW:] += self.row0 - ROW
+            host = noise16(key, idx).to(torch.int32)
+            table = host.to(device, copy=True)
+            del host
+            self.columns, self.rows = table[:ROW], table[ROW:]
+        m = min(step, n)
+        if self.direct is None:
+            self.noise = torch.empty(m + 2 * ROW, dtype=torch.int32, device=device)  # the whole rows of a pass
+        self.bits = torch.empty(m, dtype=torch.int32, device=device)
+
+    def chunk(self, lo: int, n: int) -> torch.Tensor:
+        """int32 noise of positions [lo, lo + n): the xor of its rows' and the columns' tables, broadcast over
+        the whole rows it touches (at most 2 x ROW entries more than n)."""
+        if self.direct is not None:
+            return self.direct[lo - self.lo:lo - self.lo + n]
+        r0, r1 = lo // ROW - self.row0, (lo + n - 1) // ROW - self.row0 + 1
+        full = self.noise[:(r1 - r0) * ROW].view(r1 - r0, ROW)
+        torch.bitwise_xor(self.rows[r0:r1, None], self.columns[None, :], out=full)
+        off = lo - (self.row0 + r0) * ROW
+        return self.noise[off:off + n]
+
+    def round_into(self, dst: torch.Tensor, x: torch.Tensor, lo: int, fix_nan: bool) -> None:
+        """Write fp32 `x` (flat, at positions [lo, lo + len(x))) stochastically rounded into `dst` (int16
+        bf16 patterns)."""
+        n = x.numel()
+        _round(x, self.chunk(lo, n), dst, self.bits[:n], fix_nan)
+
+
+def _needs_nan_fix(flat: torch.Tensor) -> bool:
+    """Whether a pass must look for NaN: always off the CPU (two kernels, no host sync); on the CPU only when
+    the tensor holds a non-finite value, which one vectorised sum tells (a NaN mask costs as much as all the
+    rest of the rounding there)."""
+    return flat.device.type != "cpu" or not math.isfinite(flat.sum().item())
+
+
+def _round(x: torch.Tensor, noise: torch.Tensor, dst: torch.Tensor, t: torch.Tensor, fix_nan: bool) -> None:
+    """dst (int16 bf16 patterns) = fp32 `x` with its magnitude rounded up when its low 16 bits + `noise`
+    (int32 in [0, 65536)) carry; `t` is an int32 buffer of x's size. Exact integer operations only, so every
+    device computes the same bits.
+
+    The int32 sum never overflows (signed overflow is undefined in C++, so no result may depend on how a
+    device wraps it): a finite or infinite pattern is at most 0x7F800000, a negative one is -2**31 + a
+    magnitude and stays below zero, and with `fix_nan` (whenever `x` may hold a NaN) a clamp caps a positive
+    NaN's pattern at 0x7FC00000 first. A NaN may come out as inf or another pattern there; `fix_nan` then
+    writes torch's NaN (0x7FC0) over every NaN's result."""
+    if fix_nan:
+        torch.clamp(x.view(torch.int32), max=0x7FC00000, out=t).add_(noise)
+    else:  # no NaN here (the caller checked): the clamp would change nothing
+        torch.add(x.view(torch.int32), noise, out=t)
+    if t.device.type == "cpu":
+        dst.copy_(t.bitwise_right_shift_(16))  # on the CPU a shift and a plain copy beat a strided copy
+    else:
+        dst.copy_(t.view(torch.int16)[1::2])  # the high half of each int32 (little-endian), one kernel
+    if fix_nan:
+        dst.masked_fill_(torch.isnan(x), _BF16_NAN)
 
 
 @torch.no_grad()
@@ -92,9 +185,22 @@ def stochastic_round(src: torch.Tensor, key: int, where: int | torch.Tensor = 0,
     if out is None:
         out = torch.empty(src.shape, dtype=torch.bfloat16, device=src.device)
     dst = out.view(-1).view(torch.int16)
-    for start in range(0, flat.numel(), CHUNK):
-        x = flat[start:start + CHUNK]
-        dst[start:start + x.numel()].copy_(round_chunk(x, key, _positions(where, start, x.numel(), x.device)))
+    n = flat.numel()
+    if n == 0:
+        return out
+    step = chunk_elements(flat.device)
+    fix_nan = _needs_nan_fix(flat)
+    if isinstance(where, int):
+        noise = _Noise(key, where, n, flat.device, step)
+        for s in range(0, n, step):
+            x = flat[s:s + step]
+            noise.round_into(dst[s:s + x.numel()], x, where + s, fix_nan)
+        return out
+    for s in range(0, n, step):  # a scattered selection: every entry hashes its own row and column
+        x = flat[s:s + step]
+        pos = where[s:s + x.numel()].to(device=x.device, dtype=torch.int64)
+        _round(x, noise_at(key, pos).to(torch.int32), dst[s:s + x.numel()], torch.empty_like(x, dtype=torch.int32),
+               fix_nan)
     return out
 
 
@@ -103,9 +209,13 @@ def stochastic_add_(weight: torch.Tensor, update: torch.Tensor, alpha: float, ke
     """weight += alpha x update, computed in fp32 and rounded stochastically into the bf16 `weight` (flat
     position of its first entry: `start`), chunk by chunk."""
     w, u = weight.view(-1), update.reshape(-1)
-    for s in range(0, w.numel(), CHUNK):
-        x = w[s:s + CHUNK].float().add_(u[s:s + CHUNK].float(), alpha=alpha)
-        w[s:s + CHUNK].view(torch.int16).copy_(round_chunk(x, key, _positions(start, s, x.numel(), x.device)))
+    if w.numel() == 0:
+        return
+    step = chunk_elements(w.device)
+    noise = _Noise(key, start, w.numel(), w.device, step)
+    for s in range(0, w.numel(), step):
+        x = w[s:s + step].float().add_(u[s:s + step].float(), alpha=alpha)
+        noise.round_into(w[s:s + step].view(torch.int16), x, start + s, _needs_nan_fix(x))
 
 
 def global_start(param: torch.Tensor) -> int:
