@@ -28,7 +28,8 @@ class NonFiniteSteps:
         grads += self._inactive.grads()  # BREAD's step comes after this check: a NaN there skips it too
         if grads:
             norms = torch._foreach_norm(grads, float("inf"))
-            bad = (~torch.stack([n.to(norms[0].device) for n in norms]).float().isfinite()).any().float()
+            largest = torch.stack([n.to(norms[0].device) for n in norms]).amax()  # NaN propagates through amax
+            bad = (largest - largest).ne(0).float()  # x - x is 0 exactly for a finite x (NaN for inf and NaN)
         else:
             bad = torch.zeros((), device=local_shard(next(iter(self._params.values()))).device)
         self._reduce_flag(bad)

@@ -17,8 +17,9 @@ entry's noise is uniform on [0, 65536) (so the rounding is unbiased) and any two
 independent (they differ in row or column, and a different row or column is an independent draw): the
 rounding errors of any linear combination of weights have the mean and variance of independent draws. The
 tables are hashed on the CPU (exact int64 arithmetic, a few thousand entries per tensor) and moved to the
-tensor's device in one copy; per entry the device then runs eight exact integer/bit kernels (`_round`), in
-passes sized per device (`chunk_elements`).
+tensor's device in one copy; the device then runs three exact integer kernels a pass (`_round`: the xor of
+the tables, the add, the copy of the high halves; three more where the tensor holds a NaN, which one sum per
+tensor tells), in passes sized per device (`chunk_elements`).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ INACTIVE_STREAM = 0x494E  # BREAD's in-backward update of a frozen bf16 weight
 # (the noise of a pass, with its whole rows, too) below torch's parallel grain (32768): a two-thread op per pass
 # costs its threads' wake-up and, on a loaded machine, waits for the busier core (measured: up to 10x slower).
 CHUNK = 1 << 14
-# Entries per pass elsewhere (CUDA; meta stands in for it in the dry run): a pass is six kernel launches, so
-# few passes per tensor (an 8B MLP matrix: 4), at most 9 x 16M bytes = 144 MiB of temporaries.
-DEVICE_CHUNK = 1 << 24
+# Entries per pass elsewhere (CUDA; meta stands in for it in the dry run): a pass is three kernel launches (six
+# when the tensor holds a NaN), so an 8B layer's largest matrix (58.7M entries) takes one pass; the temporaries
+# of a pass are at most 9 bytes an entry, 576 MiB, made after the step's gradients were freed.
+DEVICE_CHUNK = 1 << 26
 
 # Positions per noise row. Prime, so that the rows of the noise never line up with a weight matrix's rows.
 ROW = 4099
@@ -142,11 +144,16 @@ class _Noise:
         _round(x, self.chunk(lo, n), dst, self.bits[:n], fix_nan)
 
 
-def _needs_nan_fix(flat: torch.Tensor) -> bool:
-    """Whether a pass must look for NaN: always off the CPU (two kernels, no host sync); on the CPU only when
-    the tensor holds a non-finite value, which one vectorised sum tells (a NaN mask costs as much as all the
-    rest of the rounding there)."""
-    return flat.device.type != "cpu" or not math.isfinite(flat.sum().item())
+def _needs_nan_fix(flat: torch.Tensor, sync: bool = True) -> bool:
+    """Whether the passes over `flat` must look for NaN. One sum of the tensor tells (NaN and inf propagate into
+    it): one kernel and, off the CPU, one host sync, against a NaN mask in every pass (two kernels a pass; on
+    the CPU as costly as the rest of the rounding). Worth its sync where it runs once per block visit (a
+    block's last write-back); `sync=False` (a write every step) looks for NaN in every pass off the CPU instead.
+    The dry run's meta tensors have no values: they take the NaN-free path, as a finite run does."""
+    if flat.device.type != "cpu" and not sync:
+        return True
+    total = flat.sum()
+    return total.device.type != "meta" and not math.isfinite(total.item())
 
 
 def _round(x: torch.Tensor, noise: torch.Tensor, dst: torch.Tensor, t: torch.Tensor, fix_nan: bool) -> None:
@@ -215,7 +222,7 @@ def stochastic_add_(weight: torch.Tensor, update: torch.Tensor, alpha: float, ke
     noise = _Noise(key, start, w.numel(), w.device, step)
     for s in range(0, w.numel(), step):
         x = w[s:s + step].float().add_(u[s:s + step].float(), alpha=alpha)
-        noise.round_into(w[s:s + step].view(torch.int16), x, start + s, _needs_nan_fix(x))
+        noise.round_into(w[s:s + step].view(torch.int16), x, start + s, _needs_nan_fix(x, sync=False))
 
 
 def global_start(param: torch.Tensor) -> int:
