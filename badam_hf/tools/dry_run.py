@@ -456,6 +456,11 @@ def _step(model, inputs, counter, opt, has_head: bool, loss_context=contextlib.n
     opt.zero_grad()
     del loss
     counter.set_phase("after step")
+    return _finished(counter)
+
+
+def _finished(counter) -> dict:
+    """End `counter`'s count: its peak, the phase and what was alive there, and the peak of every phase."""
     counter.finish()
     return {"peak_bytes": counter.peak, "phase": counter.peak_phase,
             "alive_at_peak": dict(sorted(counter.peak_alive.items(), key=lambda kv: -kv[1])),
@@ -543,10 +548,7 @@ def _save(counter: StorageCounter, opt) -> dict:
     state = checkpoint.state_dict(opt, to_host=lambda t: None)
     del state
     counter.set_phase("after save")
-    counter.finish()
-    return {"peak_bytes": counter.peak, "phase": counter.peak_phase,
-            "alive_at_peak": dict(sorted(counter.peak_alive.items(), key=lambda kv: -kv[1])),
-            "peak_bytes_cuda_rounded": counter.peak_rounded, "phase_peaks": dict(counter.phase_peaks)}
+    return _finished(counter)
 
 
 def _collect(labelers) -> dict:
