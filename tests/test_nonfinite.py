@@ -447,6 +447,7 @@ def test_fp16_loss_scaling_with_backward_timing_is_refused_naming_it(tiny_llama)
     callback = BAdamCallback()
     trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(scaler=object()), model_wrapped=None)
     callback._trainer = lambda: trainer
-    with pytest.raises(BAdamConfigError, match=r"inactive_update='signsgd' cannot train with fp16 loss scaling "
-                                               r"\(--fp16\): with inactive_timing='backward'.*inside the backward.*--bf16"):
+    message = (r"inactive_update='signsgd' cannot train with fp16 loss scaling \(--fp16\): with "
+               r"inactive_timing='backward'.*inside the backward.*--bf16")
+    with pytest.raises(BAdamConfigError, match=message):
         callback.on_train_begin(None, types.SimpleNamespace(global_step=0, max_steps=4), None, optimizer=opt)

@@ -394,7 +394,7 @@ class InactiveUpdateConfig:
         " BAdam's backward truncation is kept) or `all` (every other parameter: a full backward)."
     )})
     inactive_rounding: Rounding = field(default="nearest", metadata={"help": (
-        "how BREAD's in-backward step lands in a bf16 weight: `nearest` (the step in bf16 arithmetic, as BREAD does;"
+        "how BREAD's inactive step lands in a bf16 weight: `nearest` (the step in bf16 arithmetic, as BREAD does;"
         " an update below half an ulp is lost) or `stochastic` (the step in fp32, rounded up or down at random with"
         " the probabilities that keep its expected value)."
     )})
@@ -541,8 +541,8 @@ class BAdamConfig:
             )
         if self.inactive != InactiveUpdateConfig() and not self.inactive.enabled:
             raise BAdamConfigError(
-                "inactive_lr_scale/inactive_scope/inactive_rounding/inactive_timing configure inactive_update, which is 'none'; set "
-                "inactive_update=sgd or signsgd, or leave them unset."
+                "inactive_lr_scale/inactive_scope/inactive_rounding/inactive_timing configure inactive_update, which "
+                "is 'none'; set inactive_update=sgd or signsgd, or leave them unset."
             )
         if self.inactive.enabled and mode == "ratio":
             raise BAdamConfigError(
