@@ -590,7 +590,7 @@ def test_inactive_update_in_the_hf_trainer_waits_for_the_last_micro_batch(tiny_l
     ("inactive_scope=all", r"configure inactive_update, which is 'none'"),
     ("inactive_update=sgd,inactive_timing=later",
      r"inactive_timing='later' is not valid; choose one of 'step', 'backward'"),
-    ("inactive_timing=backward", r"inactive_rounding/inactive_timing configure inactive_update, which is 'none'"),
+    ("inactive_timing=backward", r"inactive_timing/inactive_rounding configure inactive_update, which is 'none'"),
     ("mode=ratio,inactive_update=sgd", r"mode='ratio' has none"),
     ("mode=ratio,update_ratio=lots", r"update_ratio='lots' in optim_args is not valid; expected a number"),
 ])

@@ -541,7 +541,7 @@ class BAdamConfig:
             )
         if self.inactive != InactiveUpdateConfig() and not self.inactive.enabled:
             raise BAdamConfigError(
-                "inactive_lr_scale/inactive_scope/inactive_rounding/inactive_timing configure inactive_update, which "
+                "inactive_lr_scale/inactive_scope/inactive_timing/inactive_rounding configure inactive_update, which "
                 "is 'none'; set inactive_update=sgd or signsgd, or leave them unset."
             )
         if self.inactive.enabled and mode == "ratio":
