@@ -513,6 +513,24 @@ def test_backward_timing_lands_the_same_update_as_step_timing(tiny_llama, rule, 
     assert sum(not torch.equal(at_step[n], first[n]) for n in first) > 20  # the runs did train
 
 
+def test_backward_timing_follows_replaced_parameters(tiny_llama):
+    """Parameters replaced after the optimizer was built (what an engine may do) lose their hooks with them:
+    rebinding hooks the new ones, so the backward still takes the step and frees their gradients."""
+    model = tiny_llama()
+    opt = BlockOptimizer(model, lr=1e-2, switch_mode="ascending", start_block=1, inactive_update="sgd",
+                         inactive_lr_scale=1.0, inactive_timing="backward")
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    assert opt.rebind_parameters()
+    n = "model.layers.3.mlp.down_proj.weight"
+    before = snapshot(model)
+    g = reference_grads(model, [0])
+    backward(model, 0)
+    assert model.get_parameter(n).grad is None
+    torch.testing.assert_close(model.get_parameter(n).detach(), before[n] - 1e-2 * g[n], rtol=1e-6, atol=1e-7)
+
+
 def test_backward_timing_is_not_clipped(tiny_llama):
     """With inactive_timing=backward the inactive step is taken before clipping: the clipped norm is the active
     block's alone and the inactive step uses the whole gradient."""
