@@ -104,6 +104,36 @@ def test_stochastic_switch_rounding_is_counted_like_cpu_and_adds_only_its_tempor
     assert 0 < extra <= 8 * 8 * largest, extra
 
 
+@pytest.mark.parametrize("scope", ["above", "all"])
+def test_bread_each_timing_is_counted_as_it_runs(scope):
+    """BREAD (active block: layer 0): `inactive_timing=step` holds every inactive bf16 gradient from the
+    backward to the step; `backward` applies and frees each one in the backward, whose peak is then BAdam's
+    own (plus the one-byte finite flag) with scope above. Meta equals CPU to the byte for both timings.
+    The model's own loss: with the chunked loss and a trained head, meta and CPU differ in the loss's
+    backward for both timings (not this test's subject)."""
+    def run(**keys):
+        return same_on_meta_and_cpu(llama_setting(switch_every=2, chunked_loss=False, inactive_update="sgd",
+                                                  inactive_scope=scope, **keys), "badam")
+
+    at_step, in_backward = run(), run(inactive_timing="backward")
+    plain = run_method(llama_setting(switch_every=2, chunked_loss=False), "badam", "meta")
+    h, i, kv, vocab = 64, 128, 32, 512
+    layer = 2 * h * h + 2 * h * kv + 3 * h * i + 2 * h
+    # Layers 1-3, final norm, head: alive at the backward's peak (with scope all the embeddings' gradient only
+    # comes after it).
+    inactive = 3 * layer + h + vocab * h
+    later = at_step["steps"][1]
+    assert later["phase"] == "backward" and later["alive_at_peak"]["gradients"] == 2 * inactive
+    for s, ref in zip(in_backward["steps"][:2], at_step["steps"][:2]):
+        assert "gradients" not in s["alive_at_peak"], s["step"]
+        # at most the largest inactive gradient (the head's) alive at once
+        assert s["phase_peaks"]["backward"] <= ref["phase_peaks"]["backward"] - 2 * inactive + 2 * vocab * h
+    assert in_backward["peak_bytes"] < at_step["peak_bytes"]
+    if scope == "above":  # the truncated backward BAdam runs anyway: nothing more than the flag
+        assert in_backward["steps"][1]["phase_peaks"]["backward"] == plain["steps"][1]["phase_peaks"]["backward"] + 1
+        assert in_backward["peak_bytes"] == plain["peak_bytes"]
+
+
 @pytest.mark.parametrize("method", ["adamw", "lora"])
 def test_adamw_and_lora_meta_equals_cpu_to_the_byte(method):
     res = same_on_meta_and_cpu(llama_setting(), method)

@@ -476,7 +476,81 @@ def test_gradient_clipping_sees_and_scales_the_inactive_gradients(tiny_llama):
     torch.testing.assert_close(model.get_parameter(n).detach(), before[n] - 1e-2 * coef * g[n], rtol=1e-5, atol=1e-8)
 
 
-def test_inactive_update_in_the_hf_trainer_waits_for_the_last_micro_batch(tiny_llama, tmp_path):
+@pytest.mark.parametrize("rule", ["sgd", "signsgd"])
+@pytest.mark.parametrize("dtype,rounding", [(torch.float32, "nearest"), (torch.bfloat16, "nearest"),
+                                            (torch.bfloat16, "stochastic")], ids=["fp32", "bf16", "bf16_stochastic"])
+def test_backward_timing_lands_the_same_update_as_step_timing(tiny_llama, rule, dtype, rounding):
+    """inactive_timing=backward takes the step in the last micro-batch's backward (earlier ones accumulate) and
+    frees each gradient there; the update is the one step timing takes at step(), bit for bit (same gradients,
+    lr, rounding keys), across a block switch."""
+    def run(timing):
+        model = tiny_llama(layers=3, dtype=dtype)
+        opt = BlockOptimizer(model, lr=1e-2, switch_every=2, switch_mode="ascending", inactive_update=rule,
+                             inactive_rounding=rounding, inactive_timing=timing)
+        micro = {"i": 0}
+        opt.register_boundary_check(lambda: micro["i"] == 1)
+        first = snapshot(model)
+        for step in range(3):
+            for i in range(2):
+                micro["i"] = i
+                before = snapshot(model)
+                backward(model, 10 * step + i, scale=0.5)
+                params = [model.get_parameter(n) for n in opt.inactive_names]
+                if timing == "backward" and i == 1:  # stepped and freed inside the backward
+                    assert all(p.grad is None for p in params)
+                    assert any(not torch.equal(p, before[n]) for n, p in zip(opt.inactive_names, params))
+                else:  # accumulating (step timing: waiting for step())
+                    assert all(p.grad is not None for p in params)
+                    assert all(torch.equal(p, before[n]) for n, p in zip(opt.inactive_names, params))
+            opt.step()
+            opt.zero_grad()
+        assert opt.skipped_steps == 0
+        return first, snapshot(model)
+
+    first, at_step = run("step")
+    _, in_backward = run("backward")
+    assert all(torch.equal(at_step[n], in_backward[n]) for n in at_step)
+    assert sum(not torch.equal(at_step[n], first[n]) for n in first) > 20  # the runs did train
+
+
+def test_backward_timing_follows_replaced_parameters(tiny_llama):
+    """Parameters replaced after the optimizer was built (what an engine may do) lose their hooks with them:
+    rebinding hooks the new ones, so the backward still takes the step and frees their gradients."""
+    model = tiny_llama()
+    opt = BlockOptimizer(model, lr=1e-2, switch_mode="ascending", start_block=1, inactive_update="sgd",
+                         inactive_lr_scale=1.0, inactive_timing="backward")
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(p.detach().clone(), requires_grad=p.requires_grad))
+    assert opt.rebind_parameters()
+    n = "model.layers.3.mlp.down_proj.weight"
+    before = snapshot(model)
+    g = reference_grads(model, [0])
+    backward(model, 0)
+    assert model.get_parameter(n).grad is None
+    torch.testing.assert_close(model.get_parameter(n).detach(), before[n] - 1e-2 * g[n], rtol=1e-6, atol=1e-7)
+
+
+def test_backward_timing_is_not_clipped(tiny_llama):
+    """With inactive_timing=backward the inactive step is taken before clipping: the clipped norm is the active
+    block's alone and the inactive step uses the whole gradient."""
+    model = tiny_llama()
+    opt = BlockOptimizer(model, lr=1e-2, switch_mode="ascending", start_block=1, inactive_update="sgd",
+                         inactive_lr_scale=1.0, inactive_timing="backward")
+    before = snapshot(model)
+    g = reference_grads(model, [0])
+    backward(model, 0)
+    expected = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g[n]) for n in opt.trainable_names]))
+    torch.testing.assert_close(opt.clip_grad_norm_(0.01), expected, rtol=1e-5, atol=0)
+    opt.step()
+    n = "model.layers.3.mlp.down_proj.weight"
+    torch.testing.assert_close(model.get_parameter(n).detach(), before[n] - 1e-2 * g[n], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("timing", ["step", "backward"])
+def test_inactive_update_in_the_hf_trainer_waits_for_the_last_micro_batch(tiny_llama, tmp_path, timing):
+    """Step timing: the gradient waits until the optimizer step. Backward timing: the Trainer's sync_gradients
+    tells the last micro-batch, whose backward takes the step, so the gradient is gone before the step."""
     from datasets import Dataset
     from transformers import TrainerCallback, TrainingArguments
 
@@ -490,6 +564,9 @@ def test_inactive_update_in_the_hf_trainer_waits_for_the_last_micro_batch(tiny_l
         def on_substep_end(self, args, state, control, **kw):  # after a micro-batch that is not the last
             seen.append(("sub", model.get_parameter(n).grad is not None))
 
+        def on_pre_optimizer_step(self, args, state, control, **kw):  # after the last micro-batch's backward
+            seen.append(("last", model.get_parameter(n).grad is not None))
+
         def on_step_end(self, args, state, control, **kw):
             seen.append(("step", model.get_parameter(n).grad is not None))
 
@@ -497,12 +574,14 @@ def test_inactive_update_in_the_hf_trainer_waits_for_the_last_micro_batch(tiny_l
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3, max_steps=2,
-        learning_rate=1e-2, optim_args="switch_mode=ascending,start_block=0,inactive_update=signsgd",
+        learning_rate=1e-2,
+        optim_args=f"switch_mode=ascending,start_block=0,inactive_update=signsgd,inactive_timing={timing}",
         report_to=[], use_cpu=True, save_strategy="no", bf16=False)
     before = model.get_parameter(n).detach().clone()
     trainer = BAdamTrainer(model=model, args=args, train_dataset=data, callbacks=[Probe()])
     trainer.train()
-    assert seen == [("sub", True), ("sub", True), ("step", False)] * 2  # waiting until the step, then consumed
+    waiting = timing == "step"  # until the step, then consumed; or consumed in the last backward
+    assert seen == [("sub", True), ("sub", True), ("last", waiting), ("step", False)] * 2
     # Two signSGD steps of 5 x lr each: every entry moved by about 2 x 0.05 (bf16-free: fp32 weights).
     delta = (model.get_parameter(n).detach() - before).abs()
     assert delta.max() <= 0.1 + 1e-6 and delta.min() > 0
@@ -527,6 +606,9 @@ def test_inactive_update_in_the_hf_trainer_waits_for_the_last_micro_batch(tiny_l
     ("inactive_update=sgd,inactive_lr_scale=0", r"inactive_lr_scale=0.0 is not valid"),
     ("inactive_update=sgd,inactive_lr_scale=inf", r"inactive_lr_scale=inf is not valid"),
     ("inactive_scope=all", r"configure inactive_update, which is 'none'"),
+    ("inactive_update=sgd,inactive_timing=later",
+     r"inactive_timing='later' is not valid; choose one of 'step', 'backward'"),
+    ("inactive_timing=backward", r"inactive_timing/inactive_rounding configure inactive_update, which is 'none'"),
     ("mode=ratio,inactive_update=sgd", r"mode='ratio' has none"),
     ("mode=ratio,update_ratio=lots", r"update_ratio='lots' in optim_args is not valid; expected a number"),
 ])
@@ -543,6 +625,7 @@ def test_mode_defaults():
     assert ratio.ratio.update_ratio == 0.05 and ratio.ratio.mask_mode == "adjacent"
     bread = BAdamConfig.from_optim_args("inactive_update=sgd")
     assert bread.inactive.inactive_lr_scale == 5.0 and bread.inactive.inactive_scope == "above"
+    assert bread.inactive.inactive_timing == "step"
 
 
 def test_engines_refuse_inactive_updates_and_zero3_modes(tiny_llama):

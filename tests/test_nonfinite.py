@@ -350,3 +350,104 @@ def test_fp16_loss_scaling_with_inactive_update_is_refused(tiny_llama):
         callback.on_train_begin(None, types.SimpleNamespace(global_step=0, max_steps=4), None, optimizer=opt)
     plain = BlockOptimizer(tiny_llama(layers=2))  # without inactive_update fp16 stays allowed
     callback.on_train_begin(None, types.SimpleNamespace(global_step=0, max_steps=4), None, optimizer=plain)
+
+
+# --- BREAD with inactive_timing=backward: checked in the backward, no NaN reaches a weight ---------------------
+
+
+def train_step_with_boundary(model, opt, step, nan_micro=None, ga=2):
+    """`train_step` with the boundary check a plain loop with accumulation registers (the last micro-batch)."""
+    micro = {"i": 0}
+    handle = opt.register_boundary_check(lambda: micro["i"] == ga - 1)
+    for i in range(ga):
+        micro["i"] = i
+        ids = ids_for(step, i)
+        loss = model(input_ids=ids, labels=ids).loss / ga
+        if i == nan_micro:
+            loss = loss * float("nan")
+        loss.backward()
+    handle.remove()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("scope", ["above", "all"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("ga,nan_micro", [(1, 0), (2, 0), (2, 1)], ids=["ga1", "ga2_first", "ga2_last"])
+def test_nan_batch_with_backward_timing_leaves_every_weight_bit_identical(tiny_llama, scope, dtype, ga, nan_micro):
+    """A NaN loss makes the first inactive gradient of the stepping backward NaN (or the accumulated ones, when
+    the NaN came in an earlier micro-batch): every inactive update of that backward lands as zero and step()
+    skips the step; the active block's weights, masters and moments are unchanged."""
+    model = tiny_llama(layers=3, dtype=dtype)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=4, switch_mode="ascending", inactive_update="sgd",
+                         inactive_scope=scope, inactive_timing="backward")
+    train_step_with_boundary(model, opt, 0, ga=ga)
+    before = snapshot(model, opt)
+    train_step_with_boundary(model, opt, 1, nan_micro=nan_micro, ga=ga)
+    assert opt.skipped_steps == 1 and opt.global_step == 2
+    assert_same(before, snapshot(model, opt))
+    assert all(p.grad is None for p in model.parameters())
+    train_step_with_boundary(model, opt, 2, ga=ga)  # the verdict was the skipped step's only: training goes on
+    assert opt.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert not torch.equal(model.lm_head.weight.detach(), before["weights"]["lm_head.weight"])
+
+
+def test_a_nan_in_one_inactive_gradient_mid_backward_stops_the_updates_after_it(tiny_llama):
+    """A NaN planted in one inactive gradient (the active block's are finite): that tensor and every inactive
+    tensor whose gradient completes after it in the backward keep their weights; those stepped earlier in the
+    same backward keep their update (documented); nothing holds a NaN; step() skips the step."""
+    model = tiny_llama(layers=3, dtype=torch.float32)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=4, switch_mode="ascending", inactive_update="sgd",
+                         inactive_timing="backward")
+    train_step(model, opt, 0, ga=1)
+    names = {p: n for n, p in model.named_parameters()}
+    order = []  # the inactive tensors in the order the backward completes them (hooks after the optimizer's)
+    handles = [model.get_parameter(n).register_post_accumulate_grad_hook(lambda p: order.append(names[p]))
+               for n in opt.inactive_names]
+    target = "model.layers.2.mlp.up_proj.weight"
+    handles.append(model.get_parameter(target).register_hook(lambda g: torch.full_like(g, float("nan"))))
+    before = snapshot(model, opt)
+    train_step(model, opt, 1, ga=1)
+    for h in handles:
+        h.remove()
+    assert sorted(order) == sorted(opt.inactive_names)
+    k = order.index(target)
+    assert 0 < k < len(order) - 1  # tensors on both sides of it
+    assert opt.skipped_steps == 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    w = {n: p.detach() for n, p in model.named_parameters()}
+    for n in order[:k]:
+        assert not torch.equal(w[n], before["weights"][n]), n
+    for n in order[k:]:
+        assert torch.equal(w[n], before["weights"][n]), n
+    for n in opt.trainable_names:  # the active block: as it was, masters and moments too
+        assert torch.equal(w[n], before["weights"][n]), n
+    after = snapshot(model, opt)
+    assert after["state"].keys() == before["state"].keys()
+    for i in before["state"]:
+        assert all(torch.equal(v, after["state"][i][key]) for key, v in before["state"][i].items()
+                   if torch.is_tensor(v)), i
+
+
+def test_trainer_nan_step_with_backward_timing_changes_no_weight(tiny_llama, tmp_path):
+    """Through the Trainer (its sync_gradients marks the stepping micro-batch): the NaN of the first micro-batch
+    accumulates into the inactive gradients, which the last backward finds non-finite."""
+    trainer, rec = trainer_with_nan(tiny_llama, tmp_path, nan_steps={2},
+                                    optim_args="switch_every=2,switch_mode=ascending,inactive_update=sgd,"
+                                               "inactive_scope=all,inactive_timing=backward")
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(rec.before[2], rec.after[2]))
+    assert any(not torch.equal(a, b) for a, b in zip(rec.before[3], rec.after[3]))
+    assert unwrap_optimizer(trainer.optimizer).skipped_steps == 1
+
+
+def test_fp16_loss_scaling_with_backward_timing_is_refused_naming_it(tiny_llama):
+    opt = BlockOptimizer(tiny_llama(layers=2), inactive_update="signsgd", inactive_timing="backward")
+    callback = BAdamCallback()
+    trainer = types.SimpleNamespace(accelerator=types.SimpleNamespace(scaler=object()), model_wrapped=None)
+    callback._trainer = lambda: trainer
+    message = (r"inactive_update='signsgd' cannot train with fp16 loss scaling \(--fp16\): with "
+               r"inactive_timing='backward'.*inside the backward.*--bf16")
+    with pytest.raises(BAdamConfigError, match=message):
+        callback.on_train_begin(None, types.SimpleNamespace(global_step=0, max_steps=4), None, optimizer=opt)

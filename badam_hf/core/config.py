@@ -34,6 +34,7 @@ Mode = Literal["layer", "ratio", "lisa"]
 MaskMode = Literal["adjacent", "scatter"]
 InactiveUpdate = Literal["none", "sgd", "signsgd"]
 InactiveScope = Literal["above", "all"]
+InactiveTiming = Literal["step", "backward"]
 Rounding = Literal["nearest", "stochastic"]
 SwitchRounding = Literal["auto", "nearest", "stochastic"]
 GRANULARITIES = typing.get_args(Granularity)
@@ -43,6 +44,7 @@ MODES = typing.get_args(Mode)
 MASK_MODES = typing.get_args(MaskMode)
 INACTIVE_UPDATES = typing.get_args(InactiveUpdate)
 INACTIVE_SCOPES = typing.get_args(InactiveScope)
+INACTIVE_TIMINGS = typing.get_args(InactiveTiming)
 ROUNDINGS = typing.get_args(Rounding)
 # switch_every when it is not given: the paper's K for blocks and ratio masks, LISA's sampling interval.
 DEFAULT_SWITCH_EVERY = {"layer": 100, "ratio": 100, "lisa": 20}
@@ -371,10 +373,11 @@ class LisaConfig:
 @_with_args_doc
 @dataclass
 class InactiveUpdateConfig:
-    """BREAD-style updates of the layers that are not active (the BAdam authors' follow-up): at each optimizer
-    step, after its inf/NaN check, each such parameter takes one plain step `p -= lr x inactive_lr_scale x g`
-    (`sgd`) or `... x sign(g)` (`signsgd`) in its own dtype on the gradient the backward left on it, which is
-    then freed; no state is kept."""
+    """BREAD-style updates of the layers that are not active (the BAdam authors' follow-up): once per optimizer
+    step, each such parameter takes one plain step `p -= lr x inactive_lr_scale x g` (`sgd`) or
+    `... x sign(g)` (`signsgd`) in its own dtype, and its gradient is freed; no state is kept. By default
+    (`inactive_timing=step`) the step comes after the optimizer step's inf/NaN check; `backward` takes it
+    inside the backward instead, to save the memory of the waiting gradients."""
 
     inactive_update: InactiveUpdate = field(default="none", metadata={
         "summary": "`sgd` or `signsgd`: cheap updates of the layers that are not active (BREAD)",
@@ -391,9 +394,19 @@ class InactiveUpdateConfig:
         " BAdam's backward truncation is kept) or `all` (every other parameter: a full backward)."
     )})
     inactive_rounding: Rounding = field(default="nearest", metadata={"help": (
-        "how BREAD's in-backward step lands in a bf16 weight: `nearest` (the step in bf16 arithmetic, as BREAD does;"
+        "how BREAD's inactive step lands in a bf16 weight: `nearest` (the step in bf16 arithmetic, as BREAD does;"
         " an update below half an ulp is lost) or `stochastic` (the step in fp32, rounded up or down at random with"
         " the probabilities that keep its expected value)."
+    )})
+    inactive_timing: InactiveTiming = field(default="step", metadata={"help": (
+        "when the inactive step is taken. `step`: in the optimizer step, after its inf/NaN check (which covers"
+        " these gradients; a skipped step leaves every weight bit-identical), and clipped with the active block's"
+        " gradient; the inactive gradients wait on the parameters until then (2 bytes per parameter in bf16)."
+        " `backward`: inside the last micro-batch's backward, as each inactive gradient completes, which is then"
+        " freed (no memory beyond the backward's), and before gradient clipping (which does not see them). Each"
+        " gradient is checked first: a non-finite one and every inactive update after it in that backward are"
+        " dropped and the optimizer step is skipped, but the inactive tensors updated earlier in the same backward"
+        " keep their update (no NaN/inf reaches a weight; with skip_nonfinite=false nothing is checked)."
     )})
 
     def __post_init__(self):
@@ -528,8 +541,8 @@ class BAdamConfig:
             )
         if self.inactive != InactiveUpdateConfig() and not self.inactive.enabled:
             raise BAdamConfigError(
-                "inactive_lr_scale/inactive_scope/inactive_rounding configure inactive_update, which is 'none'; set "
-                "inactive_update=sgd or signsgd, or leave them unset."
+                "inactive_lr_scale/inactive_scope/inactive_timing/inactive_rounding configure inactive_update, which "
+                "is 'none'; set inactive_update=sgd or signsgd, or leave them unset."
             )
         if self.inactive.enabled and mode == "ratio":
             raise BAdamConfigError(

@@ -13,8 +13,8 @@ undoes it.
         accumulated gradient, rounded once, instead of taking it.
     opt.register_flag_reduce(fn): fn(flag) all-reduces a one-element float tensor (max) over the ranks that
         train together, so every rank takes the same decision on a non-finite step.
-    opt.register_boundary_check(fn): kept for compatibility; nothing reads it any more (BREAD's inactive step,
-        which it placed in the last micro-batch's backward, now runs in `step()`).
+    opt.register_boundary_check(fn): fn() -> True in the last micro-batch's backward before a step (read by
+        BREAD's in-backward step, `inactive_timing=backward`).
     torch's own `register_step_pre_hook`, `register_state_dict_post_hook`,
         `register_load_state_dict_pre_hook` / `_post_hook` for engine state in checkpoints.
 """
@@ -67,9 +67,13 @@ class ExtensionPoints:
         return _register(self._flag_reducers, fn)
 
     def register_boundary_check(self, check: Callable[[], bool]) -> RemovableHandle:
-        """Kept so that code written for earlier releases runs: `inactive_update` took its step in the backward
-        of the last micro-batch that `check()` named. It now takes it in `step()`, after the non-finite check,
-        on the gradients accumulated over all micro-batches, so no boundary is needed and `check` is unused."""
+        """`check()` -> True during the backward of the last micro-batch before an optimizer step (HF's
+        `accelerator.sync_gradients`). With `inactive_timing=backward` the inactive step is taken in that
+        backward; in the earlier micro-batches the inactive gradients accumulate on the parameters. Without any
+        check every backward counts as the last one (a loop without gradient accumulation); a plain loop with
+        accumulation registers `lambda: (micro_batch + 1) % accumulation == 0`. Gradients still waiting at
+        `step()` are applied there, after its non-finite check. The default `inactive_timing=step` needs no
+        boundary (the step is taken in `step()`)."""
         return _register(self._boundary_checks, check)
 
     def attach_driver(self, driver) -> RemovableHandle:
@@ -97,6 +101,10 @@ class ExtensionPoints:
 
     def _engine_keeps_grads(self) -> bool:
         return any(check() for check in list(self._grad_keep_checks.values()))
+
+    def _at_boundary(self) -> bool:
+        checks = list(self._boundary_checks.values())
+        return all(check() for check in checks) if checks else True
 
     def _reduce_flag(self, flag: torch.Tensor) -> None:
         for reduce in list(self._flag_reducers.values()):

@@ -21,7 +21,8 @@ class NonFiniteSteps:
 
     @torch.no_grad()
     def grads_finite(self) -> bool:
-        """Whether every gradient the step is about to use (the inner optimizer's, BREAD's) is finite, on every rank: one fused
+        """Whether every gradient the step is about to use (the inner optimizer's, BREAD's, and those BREAD's
+        in-backward step checked already) is finite, on every rank: one fused
         reduction (each tensor's largest |g|: NaN and inf propagate, no overflow) and, under an engine, one
         all-reduce of the verdict. Costs one host sync per step."""
         grads = [t.grad for g in self.inner.param_groups for t in g["params"] if t.grad is not None]
@@ -32,6 +33,8 @@ class NonFiniteSteps:
             bad = (largest - largest).ne(0).float()  # x - x is 0 exactly for a finite x (NaN for inf and NaN)
         else:
             bad = torch.zeros((), device=local_shard(next(iter(self._params.values()))).device)
+        for ok in self._inactive.finite_flags():  # inactive_timing=backward: a NaN seen (and dropped) there
+            bad = torch.maximum(bad, (~ok).to(device=bad.device, dtype=bad.dtype))
         self._reduce_flag(bad)
         if bad.device.type == "meta":  # a dry run (badam-hf estimate --exact) has no values: it never skips
             return True

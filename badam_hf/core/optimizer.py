@@ -191,7 +191,9 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
         self._attach_master_grads()
         self.sync_hyperparameters()
         self._block_masters.take_param_grads()
-        if self.config.skip_nonfinite and not self.grads_finite():
+        finite = not self.config.skip_nonfinite or self.grads_finite()
+        self._inactive.reset_flags()  # read: the next backward starts a new verdict
+        if not finite:
             self._skip_step()
             return loss
         self._inactive.apply_waiting()

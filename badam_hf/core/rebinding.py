@@ -52,6 +52,7 @@ class ParameterRebinding:
         self._params = {n: current[n] for n in self._names}
         for p in self._params.values():
             p.requires_grad_(False)
+        self._inactive.forget_hooks()  # their hooks (inactive_timing=backward) went with the old parameters
         self._activate(self.active_blocks, fresh=True)
         return True
 

@@ -50,14 +50,20 @@ def block_optimizer_from_args(
 def refuse_loss_scaling_with_inactive_update(config: BAdamConfig) -> None:
     """fp16 loss scaling and BREAD's inactive update cannot train together: the scaler unscales and inf-checks
     only the optimizer's param groups (the active block), so the inactive step would use gradients `scale`
-    times too large, and take it on an overflow the scaler skips."""
-    if config.inactive.enabled:
-        raise BAdamConfigError(
-            f"inactive_update={config.inactive.inactive_update!r} cannot train with fp16 loss scaling (--fp16): the "
-            "loss scaler unscales and checks for inf/NaN only the gradients of the active block, so the inactive "
-            "layers' step would be scaled and would not be skipped on an overflow. Train in bf16 (--bf16, no loss "
-            "scaling needed) or with inactive_update=none."
-        )
+    times too large, and take it on an overflow the scaler skips. With `inactive_timing=backward` the step
+    would even come before the scaler sees anything (inside the backward, on the scaled gradients)."""
+    if not config.inactive.enabled:
+        return
+    if config.inactive.inactive_timing == "backward":
+        why = ("with inactive_timing='backward' the inactive layers take their step inside the backward, on "
+               "gradients still multiplied by the loss scale, before the scaler unscales or checks anything")
+    else:
+        why = ("the loss scaler unscales and checks for inf/NaN only the gradients of the active block, so the "
+               "inactive layers' step would be scaled and would not be skipped on an overflow")
+    raise BAdamConfigError(
+        f"inactive_update={config.inactive.inactive_update!r} cannot train with fp16 loss scaling (--fp16): {why}. "
+        "Train in bf16 (--bf16, no loss scaling needed) or with inactive_update=none."
+    )
 
 
 class BAdamCallback(TrainerCallback):
@@ -92,6 +98,13 @@ class BAdamCallback(TrainerCallback):
                 # may build a new one).
                 opt.register_grad_keep_check(lambda: True)
                 self._scaler_kept = opt
+            if (opt.config.inactive.enabled and opt.config.inactive.inactive_timing == "backward"
+                    and getattr(self, "_boundary_for", None) is not opt):
+                # BREAD's in-backward step belongs to the last micro-batch of each optimizer step: the Trainer
+                # says which one that is (it sets sync_gradients before that micro-batch's backward).
+                accelerator = trainer.accelerator
+                opt.register_boundary_check(lambda: bool(accelerator.sync_gradients))
+                self._boundary_for = opt
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
         # A step the loss scaler (fp16) skipped never reached BlockOptimizer.step(); the Trainer counts it all
