@@ -35,7 +35,7 @@ from .schedule import period_seed
 
 # Separate streams of keys, so that two uses at the same (step, parameter) never share their noise.
 SWITCH_STREAM = 0x5357  # a block's masters written into the weights for the last time
-INACTIVE_STREAM = 0x494E  # BREAD's in-backward update of a frozen bf16 weight
+INACTIVE_STREAM = 0x494E  # BREAD's inactive step of a frozen bf16 weight
 
 # Entries per pass on the CPU: the temporaries (8 bytes an entry) stay in the core's cache, and every op stays
 # (the noise of a pass, with its whole rows, too) below torch's parallel grain (32768): a two-thread op per pass
