@@ -37,10 +37,12 @@ from .schedule import period_seed
 SWITCH_STREAM = 0x5357  # a block's masters written into the weights for the last time
 INACTIVE_STREAM = 0x494E  # BREAD's inactive step of a frozen bf16 weight
 
-# Entries per pass on the CPU: the temporaries (8 bytes an entry) stay in the core's cache, and every op stays
-# (the noise of a pass, with its whole rows, too) below torch's parallel grain (32768): a two-thread op per pass
-# costs its threads' wake-up and, on a loaded machine, waits for the busier core (measured: up to 10x slower).
-CHUNK = 1 << 14
+# Entries per pass on the CPU: the temporaries (8 bytes an entry, 512 KiB) stay in the core's L2 cache, and a
+# pass is long enough that the per-op overhead stops dominating. Measured on the idle bf16 machine, one 11.8M-entry
+# layer (benchmarks/rounding_cost.py): 2^14 entries 34 ms on 2 threads / 28 ms on 1; 2^16 15.6 / 21.9 ms;
+# 2^18 12.4 / 26.4 ms. (Below torch's parallel grain, 32768, every op runs on one thread, which helps only on
+# a loaded machine.)
+CHUNK = 1 << 16
 # Entries per pass elsewhere (CUDA; meta stands in for it in the dry run): a pass is three kernel launches (six
 # when the tensor holds a NaN), so an 8B layer's largest matrix (58.7M entries) takes one pass; the temporaries
 # of a pass are at most 9 bytes an entry, 576 MiB, made after the step's gradients were freed.
