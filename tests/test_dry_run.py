@@ -131,8 +131,8 @@ def test_bread_each_timing_is_counted_as_it_runs(scope):
     assert in_backward["peak_bytes"] < at_step["peak_bytes"]
     if scope == "above":  # the truncated backward BAdam runs anyway: nothing more than the flag
         assert in_backward["steps"][1]["phase_peaks"]["backward"] == plain["steps"][1]["phase_peaks"]["backward"] + 1
-        # The run's peak (in the loss's backward) is BAdam's own; on transformers 5.18 one bf16 tensor of an MLP
-        # matrix's size (2 * h * i bytes) more is alive there, on newer releases none (`make compat`).
+        # The run's peak (in the loss's backward) is BAdam's own, up to one bf16 tensor of an MLP matrix's size
+        # (2 * h * i bytes) that some transformers releases keep alive there (5.18 and 5.25 do, 5.24 does not).
         assert 0 <= in_backward["peak_bytes"] - plain["peak_bytes"] <= 2 * h * i
 
 
