@@ -43,13 +43,20 @@ def assert_same(a: dict, b: dict) -> None:
             assert torch.equal(v, b["state"][i][k]) if torch.is_tensor(v) else v == b["state"][i][k], (i, k)
 
 
-def train_step(model, opt, step, nan_micro=None, ga=2):
+def train_step(model, opt, step, nan_micro=None, ga=2, boundary=False):
+    """One optimizer step over `ga` micro-batches; `boundary`: with the check a plain loop with accumulation
+    registers (the last micro-batch is the one that steps)."""
+    current = {"micro": 0}
+    handle = opt.register_boundary_check(lambda: current["micro"] == ga - 1) if boundary else None
     for micro in range(ga):
+        current["micro"] = micro
         ids = ids_for(step, micro)
         loss = model(input_ids=ids, labels=ids).loss / ga
         if micro == nan_micro:
             loss = loss * float("nan")
         loss.backward()
+    if handle is not None:
+        handle.remove()
     opt.step()
     opt.zero_grad()
 
@@ -358,21 +365,6 @@ def test_fp16_loss_scaling_with_inactive_update_is_refused(tiny_llama):
 # --- BREAD with inactive_timing=backward: checked in the backward, no NaN reaches a weight ---------------------
 
 
-def train_step_with_boundary(model, opt, step, nan_micro=None, ga=2):
-    """`train_step` with the boundary check a plain loop with accumulation registers (the last micro-batch)."""
-    micro = {"i": 0}
-    handle = opt.register_boundary_check(lambda: micro["i"] == ga - 1)
-    for i in range(ga):
-        micro["i"] = i
-        ids = ids_for(step, i)
-        loss = model(input_ids=ids, labels=ids).loss / ga
-        if i == nan_micro:
-            loss = loss * float("nan")
-        loss.backward()
-    handle.remove()
-    opt.step()
-    opt.zero_grad()
-
 
 @pytest.mark.parametrize("scope", ["above", "all"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
@@ -384,13 +376,13 @@ def test_nan_batch_with_backward_timing_leaves_every_weight_bit_identical(tiny_l
     model = tiny_llama(layers=3, dtype=dtype)
     opt = BlockOptimizer(model, lr=1e-2, switch_every=4, switch_mode="ascending", inactive_update="sgd",
                          inactive_scope=scope, inactive_timing="backward")
-    train_step_with_boundary(model, opt, 0, ga=ga)
+    train_step(model, opt, 0, ga=ga, boundary=True)
     before = snapshot(model, opt)
-    train_step_with_boundary(model, opt, 1, nan_micro=nan_micro, ga=ga)
+    train_step(model, opt, 1, nan_micro=nan_micro, ga=ga, boundary=True)
     assert opt.skipped_steps == 1 and opt.global_step == 2
     assert_same(before, snapshot(model, opt))
     assert all(p.grad is None for p in model.parameters())
-    train_step_with_boundary(model, opt, 2, ga=ga)  # the verdict was the skipped step's only: training goes on
+    train_step(model, opt, 2, ga=ga, boundary=True)  # the verdict was the skipped step's only: training goes on
     assert opt.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert not torch.equal(model.lm_head.weight.detach(), before["weights"]["lm_head.weight"])
