@@ -241,31 +241,29 @@ class BlockOptimizer(ExtensionPoints, ParameterRebinding, NonFiniteSteps, torch.
             self.inner.state.pop(self._inner_tensor(name), None)
         self._block_masters.drop(names)
 
-    def _write_back(self) -> None:
-        """After the inner step: the fp32 gradients dropped, then the weights from the masters."""
-        self._block_masters.drop_grads()  # freed before the split's temporaries are made
+    def _write_back(self, skipped: bool = False) -> None:
+        """After the inner step: the fp32 gradients dropped, then the weights from the masters. After a skipped
+        step the masters are unchanged: held split, they go back to being split (the weights keep their bits),
+        except at a block's (or training's) last step, which writes them back with `switch_rounding` as a step
+        taken there would have."""
         done = self.global_step + 1
         final = self.total_steps is not None and done == self.total_steps
-        self._block_masters.store(block_ends=self.schedule.switches_at(done), final=final, step=done)
+        block_ends = self.schedule.switches_at(done)
+        if skipped and not (block_ends or final):
+            self._block_masters.drop_grads(split=True)
+            return
+        self._block_masters.drop_grads()  # freed before the split's temporaries are made
+        self._block_masters.store(block_ends=block_ends, final=final, step=done)
         if final:
             self._finished_at = done
 
     @torch.no_grad()
     def _skip_step(self) -> None:
-        """Drop this step's gradients; weights, masters and moments stay as they were (masters held split go
-        back to being split: the weights are rewritten with the bits they already hold). A skipped step still
-        counts towards K: at a block's last step (or training's) the unchanged masters are written back with
-        `switch_rounding` before the switch drops them, as a step taken there would have."""
-        done = self.global_step + 1
-        final = self.total_steps is not None and done == self.total_steps
-        block_ends = self.schedule.switches_at(done)
-        self._block_masters.drop_grads(split=not (block_ends or final))
+        """Drop this step's gradients; weights, masters and moments stay as they were (see `_write_back`). A
+        skipped step still counts towards K."""
+        self._write_back(skipped=True)
         for name in self._trainable + self._inactive.names:
             self._params[name].grad = None
-        if block_ends or final:
-            self._block_masters.store(block_ends=block_ends, final=final, step=done)
-            if final:
-                self._finished_at = done
         self.note_step(skipped=True)
         self.advance()
 

@@ -89,10 +89,11 @@ class BAdamCallback(TrainerCallback):
             opt.total_steps = state.max_steps  # its last step drops every master (switch_rounding applies)
         # Multi-process DDP: the Trainer has wrapped the model by now; keep its reducer on the active block.
         if opt is not None and trainer is not None:
-            if getattr(trainer.accelerator, "scaler", None) is not None:
+            loss_scaling = getattr(trainer.accelerator, "scaler", None) is not None
+            if loss_scaling:
                 refuse_loss_scaling_with_inactive_update(opt.config)
             attach_wrapped_model(getattr(trainer, "model_wrapped", None), opt)
-            if getattr(trainer.accelerator, "scaler", None) is not None and getattr(self, "_scaler_kept", None) is not opt:
+            if loss_scaling and getattr(self, "_scaler_kept", None) is not opt:
                 # fp16 loss scaling unscales and checks the gradients on the optimizer's parameters: leave them
                 # there (the bf16 path) rather than on the fp32 masters. Once per optimizer (a later train()
                 # may build a new one).
