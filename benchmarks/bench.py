@@ -93,7 +93,9 @@ METHOD_SPECS = {
                                    dict(ASCENDING, switch_rounding="nearest")),
 }
 # `--methods rounding`: the optimizer step of the default rounding against nearest and the authors', K=1 and K=4
-GROUPS = {"rounding": "reference,badam,badam_nearest,reference_k4,badam_k4,badam_k4_nearest"}
+# (K -> the authors', badam_hf's default, badam_hf nearest; `step_table` reads the rows in this order).
+ROUNDING_ROWS = ((1, ("reference", "badam", "badam_nearest")), (4, ("reference_k4", "badam_k4", "badam_k4_nearest")))
+GROUPS = {"rounding": ",".join(m for _, methods in ROUNDING_ROWS for m in methods)}
 METHODS = tuple(METHOD_SPECS)
 LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
 PHASE_STEPS = 2  # steps after the timed ones, counted tensor by tensor (LiveTensorBytes), phase by phase
@@ -643,8 +645,7 @@ def step_table(rows: dict) -> list[str]:
     """The optimizer step of the default rounding (stochastic at a block's end) against nearest and the authors'
     package, per K, from the rows this run measured (`--methods rounding`)."""
     out = []
-    for K, (theirs, ours, near) in ((1, ("reference", "badam", "badam_nearest")),
-                                    (4, ("reference_k4", "badam_k4", "badam_k4_nearest"))):
+    for K, (theirs, ours, near) in ROUNDING_ROWS:
         if ours not in rows or not ({theirs, near} & set(rows)):
             continue
         t = lambda m: rows[m]["time"]["optimizer_s"] if m in rows else None
