@@ -22,23 +22,29 @@ class NonFiniteSteps:
     @torch.no_grad()
     def grads_finite(self) -> bool:
         """Whether every gradient the step is about to use (the inner optimizer's, BREAD's, and those BREAD's
-        in-backward step checked already) is finite, on every rank: one fused
-        reduction (each tensor's largest |g|: NaN and inf propagate, no overflow) and, under an engine, one
-        all-reduce of the verdict. Costs one host sync per step."""
+        in-backward step checked already) is finite, on every rank. Costs one host sync per step: one fused
+        reduction (each tensor's 2-norm) and, under an engine, one all-reduce of the verdict. A 2-norm also
+        overflows for a finite gradient past about 1e19, so where one is not finite the exact check (each
+        tensor's largest |g|: nothing overflows; on the CPU about 10x slower) decides."""
         grads = [t.grad for g in self.inner.param_groups for t in g["params"] if t.grad is not None]
         grads += self._inactive.grads()  # BREAD's step comes after this check: a NaN there skips it too
+        fast = self._any_nonfinite(grads, 2)
+        if fast is None:  # a dry run (badam-hf estimate --exact) has no values: it never skips
+            return True
+        return not (fast and self._any_nonfinite(grads, float("inf")))
+
+    def _any_nonfinite(self, grads: list[torch.Tensor], ord: float) -> bool | None:
+        """Whether a norm of order `ord` of any of `grads` is not finite on any rank (None on the meta device)."""
         if grads:
-            norms = torch._foreach_norm(grads, float("inf"))
-            largest = torch.stack([n.to(norms[0].device) for n in norms]).amax()  # NaN propagates through amax
-            bad = (largest - largest).ne(0).float()  # x - x is 0 exactly for a finite x (NaN for inf and NaN)
+            norms = torch._foreach_norm(grads, ord)
+            ends = torch.stack([n.to(norms[0].device) for n in norms])
+            bad = (ends - ends).ne(0).any().float()  # x - x is 0 exactly for a finite x (NaN for inf and NaN)
         else:
             bad = torch.zeros((), device=local_shard(next(iter(self._params.values()))).device)
         for ok in self._inactive.finite_flags():  # inactive_timing=backward: a NaN seen (and dropped) there
             bad = torch.maximum(bad, (~ok).to(device=bad.device, dtype=bad.dtype))
         self._reduce_flag(bad)
-        if bad.device.type == "meta":  # a dry run (badam-hf estimate --exact) has no values: it never skips
-            return True
-        return not bool(bad)
+        return None if bad.device.type == "meta" else bool(bad)
 
     def note_step(self, skipped: bool) -> None:
         """Count a step taken or skipped for inf/NaN gradients; too many skips in a row stop training."""
