@@ -137,10 +137,12 @@ def test_kernel_count_report_for_an_8b_layer():
     for key in ("badam_default", "badam_nearest"):
         for step in ("first", "middle", "last"):
             assert c[key][step]["kernels"] > fused
-    # Only the last step differs, by the stochastic write-back; the nearest one hashes nothing on the host.
+    # Only the last step differs, by the stochastic write-back: per tensor a sum, and a pass (xor, add, copy)
+    # where nearest copies; its tables are hashed in numpy, so no step runs torch ops on host tensors.
     assert c["badam_default"]["middle"]["kernels"] == c["badam_nearest"]["middle"]["kernels"]
-    assert c["badam_default"]["last"]["kernels"] > c["badam_nearest"]["last"]["kernels"]
-    assert c["badam_nearest"]["last"]["host_ops"] == 0 < c["badam_default"]["last"]["host_ops"]
+    extra = c["badam_default"]["last"]["kernels"] - c["badam_nearest"]["last"]["kernels"]
+    assert extra == 3 * 9 + 1, extra  # 9 tensors; one copy of all the tables
+    assert all(c[k][s]["host_ops"] == 0 for k in ("badam_default", "badam_nearest") for s in ("first", "last"))
     assert c["last_step_vs_fused_adamw"] == c["badam_default"]["last"]["kernels"] / fused
     assert "| torch AdamW(fused=True) |" in "\n".join(markdown(c))
 
@@ -155,11 +157,11 @@ def test_the_gpu_formulation_gives_the_cpu_bits():
     x = torch.cat([torch.randn(5000, generator=g) * 0.02, torch.tensor([0.0, -0.0, 1e38, -3.4e38, float("inf")])])
     noise = torch.randint(0, 65536, (x.numel(),), generator=g, dtype=torch.int32)
     cpu_path = torch.empty(x.numel(), dtype=torch.int16)
-    _round(x, noise, cpu_path, torch.empty(x.numel(), dtype=torch.int32), fix_nan=False)
+    _round(x, noise.clone(), cpu_path, fix_nan=False)
     t = torch.clamp(x.view(torch.int32), max=0x7FC00000).add_(noise)
     gpu_path = t.view(torch.int16)[1::2].clone()
     gpu_path.masked_fill_(torch.isnan(x), 0x7FC0)
     assert torch.equal(cpu_path, gpu_path)
     both = torch.empty_like(cpu_path)
-    _round(x, noise, both, torch.empty(x.numel(), dtype=torch.int32), fix_nan=True)
+    _round(x, noise.clone(), both, fix_nan=True)
     assert torch.equal(both, cpu_path)

@@ -14,7 +14,7 @@ import functools
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from .rounding import SWITCH_STREAM, chunk_elements, rounding_key, store_stochastic
+from .rounding import SWITCH_STREAM, chunk_elements, rounding_key, store_stochastic_many
 from .selection import GatheredMasters, selection_template
 from .shards import Selection, flat_like, is_sharded, local_shard, selected, write_selected  # noqa: F401
 
@@ -252,9 +252,10 @@ class BlockMasters:
         """Write `buf`'s masters into their weights for the last time, rounded stochastically; the noise is a
         pure function of (seed, step, parameter index, position in the whole tensor)."""
         opt = self.opt
-        for name, master in zip(buf.names, buf.masters):
-            key = rounding_key(opt.config.schedule.seed, step, opt._index[name], SWITCH_STREAM)
-            store_stochastic(opt._params[name], master, opt._selections.get(name), key)
+        store_stochastic_many([(opt._params[name], master, opt._selections.get(name),
+                                rounding_key(opt.config.schedule.seed, step, opt._index[name], SWITCH_STREAM))
+                               for name, master in zip(buf.names, buf.masters)])
+        for master in buf.masters:
             master.grad = None
 
     def nbytes(self) -> int:
