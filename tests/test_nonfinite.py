@@ -5,6 +5,7 @@ shared by all ranks through the engine's flag reduce; `skip_nonfinite=false` tur
 from __future__ import annotations
 
 import logging
+import math
 import types
 
 import pytest
@@ -123,6 +124,29 @@ def test_skip_nonfinite_false_steps_regardless(tiny_llama):
     train_step(model, opt, 0, nan_micro=0)
     assert opt.skipped_steps == 0
     assert not all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_a_finite_gradient_whose_2_norm_overflows_is_not_skipped(tiny_llama):
+    """The fast check (a 2-norm per tensor) overflows for a finite gradient past about 1e19; the exact check
+    (largest |g|) then decides, so such a step is taken, and an inf beside it is still found."""
+    model = tiny_llama(layers=2)
+    opt = BlockOptimizer(model, lr=1e-2, switch_every=4)
+    flags = []
+    opt.register_flag_reduce(lambda flag: flags.append(float(flag)))
+    name = opt.trainable_names[0]
+    p = model.get_parameter(name)
+    for value, finite in ((1e30, True), (float("inf"), False)):
+        flags.clear()
+        for n in opt.trainable_names:
+            model.get_parameter(n).grad = torch.zeros_like(model.get_parameter(n))
+        p.grad.view(-1)[3] = value
+        assert not math.isfinite(torch.linalg.vector_norm(p.grad.float()).item())  # the fast check overflows
+        assert opt.grads_finite() is finite
+        assert flags == [1.0, 0.0 if finite else 1.0]  # the exact check ran after the fast one
+    before = p.detach().clone()
+    p.grad.normal_().view(-1)[3] = 1e30  # Adam moves every entry (the huge one's update is ~0: v overflows)
+    opt.step()
+    assert opt.skipped_steps == 0 and not torch.equal(p.detach(), before)
 
 
 def test_the_ranks_verdict_decides(tiny_llama):
