@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from badam_hf.core.masters import SPLIT_CHUNK, MasterBuffer
+from badam_hf.core.masters import MasterBuffer
+from badam_hf.core.rounding import CHUNK
 from badam_hf.tools.live_memory import LiveTensorBytes
 
 # A Llama layer's matrices in 70B's proportions (q, k, v, o, gate, up, down), scaled down: hidden 64.
@@ -72,6 +73,6 @@ def test_split_frees_each_rebuilt_master_as_it_goes():
         with live.phase("split"):
             buf.split()
     weights, largest = 2 * numel, max(p.numel() for p in params)
-    # Masters, one tensor's low half, and split_master's int32 temporary (at most SPLIT_CHUNK elements).
-    assert live.peaks["split"] - weights <= 4 * numel + 2 * largest + 4 * min(largest, SPLIT_CHUNK)
+    # Masters, one tensor's low half, and split_master's int32 temporary (at most CHUNK elements: one pass).
+    assert live.peaks["split"] - weights <= 4 * numel + 2 * largest + 4 * min(largest, CHUNK)
     assert live.live_bytes() - weights == 2 * numel  # only the low halves are left

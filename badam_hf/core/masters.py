@@ -62,40 +62,39 @@ def masters_to_params(params: list[torch.Tensor], masters: list[torch.Tensor]) -
 # keeping (2 bytes instead of 4). The weight is the master rounded to nearest, ties toward zero in magnitude
 # (torch's `.to(bfloat16)` breaks ties to even; the two differ only when the low half is exactly 0x8000, and
 # both are then exactly half an ulp away). With that rule the signed residual master - weight lies in
-# (-0x8000, 0x8000] (in units of the master's last bit), 65536 values: one int16.
-
-
-# Elements per pass on the CPU: the one int32 temporary of a split stays at 4 MiB whatever the tensor's size.
-# Elsewhere (CUDA) the rounding's larger passes (`chunk_elements`): a pass is several kernel launches.
-SPLIT_CHUNK = 1 << 20
-
-
-def _split_chunk(device: torch.device) -> int:
-    return SPLIT_CHUNK if device.type == "cpu" else chunk_elements(device)
+# (-0x8000, 0x8000] (in units of the master's last bit): its negation fits one int16, and the master is
+# weight << 16 minus it. Both directions work in passes of `chunk_elements` (cache-sized on the CPU), so each
+# pass's few integer ops run on data in cache.
 
 
 @torch.no_grad()
-def split_master(master: torch.Tensor, weight: torch.Tensor, low: torch.Tensor) -> None:
-    """Write the rounded master into `weight` (bf16) and its low 16 bits into `low` (int16), in place."""
+def split_master(master: torch.Tensor, weight: torch.Tensor, low: torch.Tensor,
+                 buf: torch.Tensor | None = None) -> None:
+    """Write the rounded master into `weight` (bf16) and its negated residual into `low` (int16), in place.
+    `buf`: an int32 buffer of at least one pass (made here if not given)."""
     bits, hi, lo = master.reshape(-1).view(torch.int32), weight.reshape(-1).view(torch.int16), low.reshape(-1)
-    step = _split_chunk(bits.device)
+    step = chunk_elements(bits.device)
+    if buf is None:
+        buf = torch.empty(min(step, bits.numel()), dtype=torch.int32, device=bits.device)
     for start in range(0, bits.numel(), step):
         b = bits[start:start + step]
+        t = buf[:b.numel()]
         # + 0x7FFF carries into the top half exactly when the low half is above 0x8000: round to nearest, ties
         # toward zero (the bit pattern is sign-magnitude, so this holds for negative values too).
-        t = b + 0x7FFF
-        t.bitwise_right_shift_(16)
+        torch.add(b, 0x7FFF, out=t).bitwise_right_shift_(16)
         hi[start:start + step].copy_(t)  # int32 -> int16 keeps the low 16 bits: the bf16 pattern
-        t.bitwise_left_shift_(16).neg_().add_(b).sub_(1)  # the residual minus one, in [-0x8000, 0x7FFF]
-        lo[start:start + step].copy_(t)
+        lo[start:start + step].copy_(t.bitwise_left_shift_(16).sub_(b))  # minus the residual, in [-0x8000, 0x7FFF]
 
 
 @torch.no_grad()
 def join_master(weight: torch.Tensor, low: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """The fp32 master that `split_master` split into `weight` and `low`, written into `out`."""
-    bits = out.reshape(-1).view(torch.int32)
-    bits.copy_(weight.reshape(-1).view(torch.int16))  # sign-extends the bf16 pattern
-    bits.bitwise_left_shift_(16).add_(low.reshape(-1)).add_(1)
+    bits, hi, lo = out.reshape(-1).view(torch.int32), weight.reshape(-1).view(torch.int16), low.reshape(-1)
+    step = chunk_elements(bits.device)
+    for start in range(0, bits.numel(), step):
+        b = bits[start:start + step]
+        b.copy_(hi[start:start + step])  # sign-extends the bf16 pattern
+        b.bitwise_left_shift_(16).sub_(lo[start:start + step])
     return out
 
 
@@ -138,10 +137,14 @@ class MasterBuffer:
         if self.is_split:
             return
         lows: list[torch.Tensor | None] = [None] * len(self.masters)
+        bufs: dict[torch.device, torch.Tensor] = {}  # one pass buffer per device, for every tensor
         for i in self._largest_first:
             m = self.masters[i]
             lows[i] = torch.empty(m.shape, dtype=torch.int16, device=m.device)
-            split_master(m, local_shard(self.params[i].detach()), lows[i])
+            if m.device not in bufs:  # the largest tensor first: its pass is the longest
+                bufs[m.device] = torch.empty(min(chunk_elements(m.device), m.numel()), dtype=torch.int32,
+                                             device=m.device)
+            split_master(m, local_shard(self.params[i].detach()), lows[i], bufs[m.device])
             # A master with a storage of its own (after a join) is freed here; views of the first buffer free
             # it with the last of them.
             m.data = torch.empty(0, dtype=torch.float32, device=m.device)
