@@ -96,6 +96,7 @@ METHOD_SPECS = {
 # (K -> the authors', badam_hf's default, badam_hf nearest; `step_table` reads the rows in this order).
 ROUNDING_ROWS = ((1, ("reference", "badam", "badam_nearest")), (4, ("reference_k4", "badam_k4", "badam_k4_nearest")))
 GROUPS = {"rounding": ",".join(m for _, methods in ROUNDING_ROWS for m in methods)}
+ROUNDING_ROUNDS = 3  # the rounding group's default --rounds: its ratios are a few percent apart
 METHODS = tuple(METHOD_SPECS)
 LABELS = {name: spec.label for name, spec in METHOD_SPECS.items()}
 PHASE_STEPS = 2  # steps after the timed ones, counted tensor by tensor (LiveTensorBytes), phase by phase
@@ -483,6 +484,30 @@ def measure_steps(run: Run) -> dict:
     }
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One method's row from its runs in several rounds: the first run's memory readings, and times over the
+    timed steps of every round (mean and median), with each round's mean optimizer step beside them."""
+    row = dict(results[0])
+    if len(results) == 1:
+        return row
+    t = dict(row["time"])
+    per = {k: [x for r in results for x in r["time"][f"per_step_{k}_s"]] for k in ("forward", "backward", "optimizer")}
+    mean = lambda xs: sum(xs) / len(xs)
+    step_time = [a + b + c for a, b, c in zip(per["forward"], per["backward"], per["optimizer"])]
+    t.update({f"per_step_{k}_s": v for k, v in per.items()})
+    t.update({"forward_s": mean(per["forward"]), "backward_s": mean(per["backward"]),
+              "optimizer_s": mean(per["optimizer"]), "step_s": mean(step_time),
+              "median_forward_s": statistics.median(per["forward"]),
+              "median_optimizer_s": statistics.median(per["optimizer"]),
+              "wall_s": sum(r["time"]["wall_s"] for r in results),
+              "tokens_per_s": row["time"]["tokens_per_s"] * row["time"]["step_s"] / mean(step_time),
+              "round_optimizer_s": [r["time"]["optimizer_s"] for r in results]})
+    row.update(time=t, steps=len(step_time), rounds=len(results),
+               loadavg_1min_before_after=[results[0]["loadavg_1min_before_after"][0],
+                                          results[-1]["loadavg_1min_before_after"][1]])
+    return row
+
+
 def measure_peak_memory(run: Run, baseline: dict, peak_reset: bool) -> dict:
     """Peak memory of the timed steps: on GPU max_memory_allocated; on CPU the peak RSS (VmHWM) above the RSS
     before the model was built, so weights count and import sizes do not."""
@@ -538,12 +563,14 @@ def fmt_gb(b: float) -> str:
 def markdown(results: dict, meta: dict) -> str:
     rows = results["methods"]
     ref = rows.get("adamw")
+    n = meta.get("rounds", 1)
+    rounds = f" in each of {n} rounds (the methods interleaved)" if n > 1 else ""
     lines = [
         f"# BAdam benchmark: shape `{meta['shape']}`",
         "",
         f"Machine: {meta['machine']}. Model: random-init Llama, {meta['total_params'] / 1e6:.1f}M parameters, "
         f"D={meta['num_layers']} layers, batch {meta['batch']} x seq {meta['seq']}, {meta['steps']} timed steps per "
-        f"method{', gradient checkpointing' if meta['gradient_checkpointing'] else ''}. Each method ran in its own "
+        f"method{rounds}{', gradient checkpointing' if meta['gradient_checkpointing'] else ''}. Each method ran in its own "
         f"process. Peak memory: {meta['memory_kind']} (malloc: {meta.get('malloc', 'glibc default')})."
         + (" This CPU lacks bf16 arithmetic: every method's bf16 products ran in fp32 (badam_hf.integrations."
            "cpu_compute)." if meta.get("cpu_fp32_linear") else ""),
@@ -652,15 +679,19 @@ def step_table(rows: dict) -> list[str]:
         med = lambda m: rows[m]["time"]["median_optimizer_s"] if m in rows else None
         ratio = lambda a, b: f"{a / b:.2f}" if a is not None and b is not None else "-"
         cell = lambda m: f"{t(m):.4f} ({med(m):.4f})" if m in rows else "-"
+        by_round = lambda m: rows[m]["time"].get("round_optimizer_s") if m in rows else None
+        per = [a / b for a, b in zip(by_round(ours) or [], by_round(near) or [])]
         out.append(f"| {K} | {cell(theirs)} | {cell(ours)} | {cell(near)} | {ratio(t(ours), t(theirs))} | "
-                   f"{ratio(t(ours), t(near))} |")
+                   f"{ratio(t(ours), t(near))} | {', '.join(f'{x:.2f}' for x in per) or '-'} |")
     if not out:
         return []
     return ["", "## Optimizer step: the default rounding against nearest and the authors' package", "",
-            "Seconds per optimizer step, mean (median) over the timed steps, each method in its own process. "
-            "Default: `switch_rounding=auto` (stochastic where a block's masters are written the last time).", "",
-            "| K | authors' `badam` | badam_hf default | badam_hf nearest | default / authors' | default / nearest |",
-            "|---|---|---|---|---|---|", *out]
+            "Seconds per optimizer step, mean (median) over the timed steps of every round, each method in its own "
+            "process. Default: `switch_rounding=auto` (stochastic where a block's masters are written the last "
+            "time). The last column: default / nearest of each round's means.", "",
+            "| K | authors' `badam` | badam_hf default | badam_hf nearest | default / authors' | default / nearest | "
+            "by round |",
+            "|---|---|---|---|---|---|---|", *out]
 
 
 def training_growth(r: dict) -> int:
@@ -738,7 +769,9 @@ def plot(results: dict, path: str) -> None:
 def machine_description(cuda_name: str | None) -> str:
     if cuda_name:
         return f"GPU {cuda_name}"
-    return f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU"
+    from badam_hf.integrations.cpu_compute import cpu_description
+
+    return f"CPU {cpu_description()} ({platform.machine()}), no GPU"
 
 
 @dataclasses.dataclass
@@ -756,6 +789,7 @@ class BenchSettings:
     seed: int = 0
     glibc_default: bool = False
     no_kernel_count: bool = False
+    rounds: int | None = None  # default: ROUNDING_ROUNDS for the rounding group, else 1
     worker: str | None = None
 
 
@@ -774,6 +808,10 @@ def main(argv=None) -> int:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--cpu", action="store_true", help="stay on the CPU even when a GPU is present")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run the methods this many times, interleaved (round 1 runs each once, then round 2 ...), "
+                        f"and time them over every round's steps (default {ROUNDING_ROUNDS} for the rounding group, "
+                        "else 1): on a shared or virtual machine the speed drifts between processes")
     p.add_argument("--glibc-default", action="store_true",
                    help="leave glibc's dynamic mmap threshold alone in the workers (noisier peak RSS)")
     args = BenchSettings(**vars(p.parse_args(argv)))
@@ -794,6 +832,10 @@ def main(argv=None) -> int:
         args.steps = D
     if args.steps < 1:
         p.error("--steps must be >= 1")
+    if args.rounds is None:
+        args.rounds = ROUNDING_ROUNDS if args.methods == "rounding" else 1
+    if args.rounds < 1:
+        p.error("--rounds must be >= 1")
 
     methods = [m.strip() for m in GROUPS.get(args.methods, args.methods).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -812,18 +854,25 @@ def main(argv=None) -> int:
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.shape)
     os.makedirs(out, exist_ok=True)
     t_start = time.perf_counter()
-    rows, failed = {}, {}
-    for m in methods:
-        t0 = time.perf_counter()
-        print(f"[bench] {m}: running ...", flush=True)
-        try:
-            rows[m] = run_isolated(worker, dataclasses.replace(args, worker=m))
-        except IsolatedRunFailed as e:
-            # e.g. AdamW running out of GPU memory at --shape llama3-8b: report it and go on with the others.
-            print(f"[bench] {m}: {e}", file=sys.stderr)
-            failed[m] = e.exitcode
-            continue
-        print(f"[bench] {m}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+    runs: dict[str, list[dict]] = {}
+    failed = {}
+    for r in range(args.rounds):
+        for m in methods:
+            if m in failed:
+                continue
+            t0 = time.perf_counter()
+            label = f"{m} (round {r + 1} of {args.rounds})" if args.rounds > 1 else m
+            print(f"[bench] {label}: running ...", flush=True)
+            try:
+                runs.setdefault(m, []).append(run_isolated(worker, dataclasses.replace(args, worker=m)))
+            except IsolatedRunFailed as e:
+                # e.g. AdamW running out of GPU memory at --shape llama3-8b: report it and go on with the others.
+                print(f"[bench] {m}: {e}", file=sys.stderr)
+                failed[m] = e.exitcode
+                runs.pop(m, None)
+                continue
+            print(f"[bench] {label}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+    rows = {m: merge_rounds(rs) for m, rs in runs.items()}
 
     if not rows:
         print("[bench] every method failed", file=sys.stderr)
@@ -836,6 +885,7 @@ def main(argv=None) -> int:
         "shape": args.shape, "machine": machine_description(cuda_name), "num_layers": D,
         "total_params": max(r["total_params"] for r in rows.values()),
         "batch": args.batch or shape["batch"], "seq": args.seq or shape["seq"], "steps": args.steps,
+        "rounds": args.rounds,
         "gradient_checkpointing": args.gradient_checkpointing, "memory_kind": first["memory"]["kind"],
         "torch": torch.__version__, "total_runtime_s": time.perf_counter() - t_start,
         "expected_badam_backward_ratio": expected_backward_ratio(D), "failed": failed,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -30,19 +29,9 @@ def layer_shapes(hidden: int, mlp: int, kv_heads: int, heads: int) -> list[tuple
             (hidden, mlp), (hidden,), (hidden,)]
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main(argv=None) -> None:
     from badam_hf.core import rounding
+    from badam_hf.integrations.cpu_compute import cpu_description
     from badam_hf.core.rounding import SWITCH_STREAM, rounding_key, store_stochastic_many
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,7 +66,7 @@ def main(argv=None) -> None:
 
     chunks = [int(c) for c in args.chunks.split(",")] if args.chunks else [rounding.CHUNK.bit_length() - 1]
     n = sum(m.numel() for m in masters)
-    print(f"{cpu_name()}, {n / 1e6:.1f}M entries, {torch.get_num_threads()} threads, "
+    print(f"{cpu_description()}; {n / 1e6:.1f}M entries, {torch.get_num_threads()} threads, "
           f"load {os.getloadavg()[0]:.1f}; ms, best / median of {args.repeats}, caches evicted before each")
     near = times(nearest)
     print(f"nearest: {near[0]:.2f} / {near[1]:.2f}")

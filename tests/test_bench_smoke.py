@@ -45,6 +45,33 @@ def test_the_method_table():
     assert {s.optimizer for s in specs.values()} == {"block", "adamw", "lora", "reference"}
 
 
+def test_rounds_merge_every_rounds_steps_and_the_step_table_shows_each_round():
+    """--rounds: a method's times are the mean and median over all rounds' timed steps; its memory readings are
+    the first round's; the step table lists default / nearest of each round's means."""
+    bench = _bench_module()
+
+    def run(opt: list[float], marker: int) -> dict:
+        n = len(opt)
+        return {"memory": {"peak_bytes": marker}, "loadavg_1min_before_after": [0.1 * marker, 0.2 * marker],
+                "time": {"per_step_forward_s": [1.0] * n, "per_step_backward_s": [2.0] * n,
+                         "per_step_optimizer_s": opt, "optimizer_s": sum(opt) / n, "step_s": 3.0 + sum(opt) / n,
+                         "tokens_per_s": 100.0, "wall_s": 5.0}}
+
+    ours = bench.merge_rounds([run([0.1, 0.3], 1), run([0.2, 0.6], 2)])
+    assert ours["memory"]["peak_bytes"] == 1 and ours["rounds"] == 2 and ours["steps"] == 4
+    t = ours["time"]
+    assert t["per_step_optimizer_s"] == [0.1, 0.3, 0.2, 0.6]
+    assert t["optimizer_s"] == pytest.approx(0.3) and t["median_optimizer_s"] == pytest.approx(0.25)
+    assert t["round_optimizer_s"] == [pytest.approx(0.2), pytest.approx(0.4)]
+    assert t["step_s"] == pytest.approx(3.3) and t["wall_s"] == 10.0
+    assert t["tokens_per_s"] == pytest.approx(100.0 * 3.2 / 3.3)
+    assert ours["loadavg_1min_before_after"] == [pytest.approx(0.1), pytest.approx(0.4)]
+    near = bench.merge_rounds([run([0.1, 0.1], 1), run([0.2, 0.2], 1)])
+    assert bench.merge_rounds([run([0.1], 1)])["time"].get("round_optimizer_s") is None  # one round: as measured
+    table = "\n".join(bench.step_table({"badam": ours, "badam_nearest": near}))
+    assert "| 1 | - | 0.3000 (0.2500) | 0.1500 (0.1500) | - | 2.00 | 2.00, 2.00 |" in table
+
+
 @pytest.mark.integration  # runs the benchmark script end to end in a subprocess
 def test_bench_tiny(tmp_path):
     out = tmp_path / "results"

@@ -103,3 +103,20 @@ def test_badam_trains_only_its_block_and_truncates_backward_inside():
         opt.step()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all("layers.2." in n for n in changed)
+
+
+def test_the_cpu_description_names_the_model_the_cpus_and_the_bf16_flags(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some Xeon(R) CPU\nflags\t\t: fpu avx2 amx_bf16 avx512_bf16\n")
+    real = cpu_compute.Path
+
+    monkeypatch.setattr(cpu_compute, "Path", lambda p: info if p == "/proc/cpuinfo" else real(p))
+    monkeypatch.setattr(cpu_compute.os, "cpu_count", lambda: 7)
+    cpu_compute.cpu_description.cache_clear()
+    try:
+        assert cpu_compute.cpu_description() == "Some Xeon(R) CPU, 7 CPUs, avx512_bf16, amx_bf16"
+        info.write_text("model name\t: Old Box\nflags\t\t: fpu avx2\n")
+        cpu_compute.cpu_description.cache_clear()
+        assert cpu_compute.cpu_description() == "Old Box, 7 CPUs, no bf16 arithmetic (no avx512_bf16/amx_bf16)"
+    finally:
+        cpu_compute.cpu_description.cache_clear()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -33,6 +34,20 @@ def cpu_has_native_bf16() -> bool:
         return True
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
     return any(f in flags for f in _NATIVE_FLAGS)
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_description() -> str:
+    """The CPU's model name, how many CPUs this process sees and which bf16 flags it has, for timings to name
+    their machine: e.g. "AMD EPYC, 2 CPUs, avx512_bf16"."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(key)), "")
+    name = field("model name") or platform.processor() or platform.machine()
+    bf16 = [f for f in _NATIVE_FLAGS if f in field("flags").split()]
+    return f"{name}, {os.cpu_count()} CPUs, {', '.join(bf16) if bf16 else 'no bf16 arithmetic (no avx512_bf16/amx_bf16)'}"
 
 
 def wanted() -> bool:
