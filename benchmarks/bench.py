@@ -531,8 +531,9 @@ def measure_peak_memory(run: Run, baseline: dict, peak_reset: bool) -> dict:
 
 def measure_full_backward(run: Run, repeats: int = 3) -> float:
     """The paper's reference point for BAdam's backward: the mean seconds of a full backward of the same bf16
-    model (every parameter requires grad, no truncation). Leaves every parameter trainable."""
-    run.opt.truncation.cut_layer = None
+    model (every parameter requires grad, no truncation). Closes the optimizer first (its backward cut and
+    fp32 gradient hooks would time a different backward) and leaves every parameter trainable."""
+    run.opt.close()
     for p in run.model.parameters():
         p.requires_grad_(True)
     times = []
