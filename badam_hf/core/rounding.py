@@ -95,8 +95,9 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 def noise16(key: int, positions: torch.Tensor) -> torch.Tensor:
     """16 uniform random bits (int64 in [0, 65535]) for each index (int64, >= 0, any device) under `key`: the
     hash the noise tables are made of (`_host_tables` computes the same on the host)."""
-    h = _mix32((positions & _M32) ^ (key & _M32))
-    h = _mix32(h.bitwise_xor_((positions >> 32) ^ ((key >> 32) & _M32)))
+    k0, k1 = key & _M32, (key >> 32) & _M32
+    h = _mix32((positions & _M32) ^ k0)
+    h = _mix32(h.bitwise_xor_((positions >> 32) ^ k1))
     return h.bitwise_right_shift_(16)
 
 
@@ -122,13 +123,13 @@ def _host_tables(requests: list[tuple[int, int, int]]) -> tuple[np.ndarray, list
     (tests/test_rounding_noise.py), in numpy's wrapping uint32 arithmetic: a dozen vector operations for all of
     a block's tensors, and host memory that no torch dispatch mode (the dry run's counter) takes for device
     memory."""
-    low, high, k0, sizes = [], [], [], []
+    low, high, k0, sizes = [], [], [], []  # per index: its low 32 bits; its high 32 bits xor the key's
     for key, lo, n in requests:
         rows = np.arange(lo // ROW, (lo + n - 1) // ROW + 1, dtype=np.uint64)
+        k1 = (key >> 32) & _M32
         low += [np.arange(ROW, dtype=np.uint32), (rows & _M32).astype(np.uint32)]
-        high += [np.full(ROW, _COLUMN_TAG >> 32, dtype=np.uint32), (rows >> 32).astype(np.uint32)]
-        high[-2] ^= np.uint32((key >> 32) & _M32)
-        high[-1] ^= np.uint32((key >> 32) & _M32)
+        high += [np.full(ROW, (_COLUMN_TAG >> 32) ^ k1, dtype=np.uint32),
+                 (rows >> 32).astype(np.uint32) ^ np.uint32(k1)]
         sizes.append(ROW + len(rows))
         k0.append(key & _M32)
     h = np.concatenate(low) ^ np.repeat(np.array(k0, dtype=np.uint32), sizes)
