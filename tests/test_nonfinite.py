@@ -387,6 +387,20 @@ def test_fp16_loss_scaling_with_inactive_update_is_refused(tiny_llama):
     callback.on_train_begin(None, types.SimpleNamespace(global_step=0, max_steps=4), None, optimizer=plain)
 
 
+def test_fp16_with_inactive_update_is_refused_when_the_arguments_are_parsed(tmp_path):
+    """`--optim badam --optim_args inactive_update=sgd --fp16` is refused by TrainingArguments itself, before a
+    model or dataset is loaded; without --fp16, or without inactive_update, the same arguments are accepted."""
+    from transformers import TrainingArguments
+
+    def args(**kw):
+        return TrainingArguments(output_dir=str(tmp_path), optim="badam", report_to=[], use_cpu=True, **kw)
+
+    with pytest.raises(BAdamConfigError, match=r"inactive_update='sgd' cannot train with fp16 loss scaling.*--bf16"):
+        args(fp16=True, optim_args="inactive_update=sgd")
+    assert args(fp16=True, optim_args="switch_every=2").fp16
+    assert args(bf16=True, optim_args="inactive_update=sgd").bf16
+
+
 # --- BREAD with inactive_timing=backward: checked in the backward, no NaN reaches a weight ---------------------
 
 

@@ -50,7 +50,8 @@ from ..engines.common import engine_from_environment, engine_of
 from ..engines.deepspeed import attach_deepspeed
 from ..engines.dispatch import check_training_args
 from ..engines.fsdp2 import load_sharded_optimizer, save_sharded_optimizer
-from .trainer import block_optimizer_from_args, ensure_badam_callback, install_chunked_loss
+from .trainer import (block_optimizer_from_args, ensure_badam_callback, install_chunked_loss,
+                      refuse_loss_scaling_with_inactive_update)
 
 OPTIM_NAME = "badam"
 MEMBER_NAME = "BADAM"
@@ -226,7 +227,9 @@ def _badam_handler(ctx):
 
 def _validate_training_args(args) -> None:
     if getattr(args, "optim", None) == OPTIM_NAME:  # OptimizerNames is a str enum: the member equals "badam"
-        BAdamConfig.from_optim_args(args.optim_args, args.optim_target_modules)
+        config = BAdamConfig.from_optim_args(args.optim_args, args.optim_target_modules)
+        if getattr(args, "fp16", False):
+            refuse_loss_scaling_with_inactive_update(config)
         if getattr(args, "deepspeed", None):
             require_engine("DeepSpeed")
         if getattr(args, "fsdp", None):
