@@ -289,6 +289,37 @@ def test_layers_that_checkpoint_their_whole_call_still_get_the_exact_gradient(mo
     assert not any(hasattr(layer._gradient_checkpointing_func, "_badam_checkpoint") for layer in model.model.layers)
 
 
+@pytest.mark.parametrize("checkpointing", [None, "whole_call"])
+def test_a_deep_copy_of_the_model_gets_no_backward_cut(monkeypatch, tiny_llama, checkpointing):
+    """`copy.deepcopy` copies a module's hooks (and a 5.18-style wrapped checkpoint function) with the model. In
+    the copy they must do nothing: its backward reaches every parameter (the plain reference gradients),
+    while the original keeps its cut, and the original optimizer's gradients stay as they were."""
+    model = tiny_llama(layers=4, **LLAMA)
+    batch = make_batch(model)
+    ref = reference_grads(model, batch)
+    if checkpointing:
+        _checkpoint_whole_call(monkeypatch, type(model.model.layers[0]))
+        monkeypatch.setattr(backward_truncation, "layer_hooks_run_inside_checkpoint", lambda: True)
+        enable_gc(model, "reentrant")
+    opt = BlockOptimizer(model, switch_every=3, switch_mode="ascending", start_block=2, lr=1e-3)
+    loss_of(model, batch).backward()
+    held = {n: g.clone() for n, g in opt._block_masters.grads().items()}
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(True)
+        p.grad = None
+    counter = BackwardCounter(twin)
+    loss_of(twin, batch).backward()
+    assert counter.ran_backward(4) == [1, 1, 1, 1]
+    for n, p in twin.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert all(torch.equal(g, held[n]) for n, g in opt._block_masters.grads().items())
+    model.zero_grad(set_to_none=True)
+    counter = BackwardCounter(model)
+    loss_of(model, batch).backward()
+    assert counter.ran_backward(4) == [0, 0, 1, 1]  # the original is still cut below the active layer
+
+
 def test_reentrant_without_the_fix_on_a_causal_lm_has_nothing_to_backward(monkeypatch, tiny_llama):
     model = tiny_llama(layers=4, **LLAMA)
     batch = make_batch(model)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -91,6 +92,12 @@ class BackwardTruncation:
         # (stack path, index, layer) whose checkpoint function must make the cut (hooks inside the checkpoint).
         self._wrapped_layers: list[tuple[str, int, nn.Module]] = []
         self._dropped_input_hooks: set[nn.Module] = set()  # where HF's hooks were: `remove` puts them back
+        # The modules the hooks were put on, as weak references: `copy.deepcopy` copies a module's hooks (and
+        # this object with them) but not a weak reference, so in a copy of the model they see other modules
+        # and do nothing (a deep copy, e.g. a frozen reference model, gets no backward cut of its own).
+        self._owner = weakref.ref(model)
+        self._layers = {(info.stack.path, i): weakref.ref(layer) for info in self.chain
+                        for i, layer in enumerate(info.stack.layers)}
         self._handles.append(model.register_forward_hook(self._gradless_hook))
         if self.enabled:
             for info in self.chain:
@@ -128,6 +135,8 @@ class BackwardTruncation:
                 self._dropped_input_hooks.add(module)
 
     def _drop_hook(self, module: nn.Module, args) -> None:
+        if module is not self._owner():
+            return
         self.drop_input_require_grads()
         self._wrap_checkpoint_funcs()  # checkpointing enabled after the optimizer sets new functions
 
@@ -141,13 +150,7 @@ class BackwardTruncation:
                 layer._gradient_checkpointing_func = self._cut_before_checkpoint(path, index, layer, func)
 
     def _cut_before_checkpoint(self, path: str, index: int, layer: nn.Module, checkpoint):
-        def cut_then_checkpoint(function, *args, **kwargs):
-            if index == self.cuts.get(path) and torch.is_grad_enabled() and args and torch.is_tensor(args[0]):
-                args = (self._cut(layer, args[0]), *args[1:])
-            return checkpoint(function, *args, **kwargs)
-
-        cut_then_checkpoint._badam_checkpoint = checkpoint
-        return cut_then_checkpoint
+        return _CutThenCheckpoint(self, path, index, layer, checkpoint)
 
     def _unwrap_checkpoint_funcs(self) -> None:
         for _, _, layer in self._wrapped_layers:
@@ -183,7 +186,7 @@ class BackwardTruncation:
         self._anchor = None
 
     def _pre_hook(self, path: str, index: int, module: nn.Module, args, kwargs):
-        if index != self.cuts.get(path) or not torch.is_grad_enabled():
+        if index != self.cuts.get(path) or not torch.is_grad_enabled() or module is not self._layers[path, index]():
             return None
         # HF passes the hidden states positionally (reentrant checkpointing requires it); accept a kwarg too.
         if args and torch.is_tensor(args[0]):
@@ -202,7 +205,7 @@ class BackwardTruncation:
 
     def _gradless_hook(self, module: nn.Module, args, output):
         """Make a loss that no trainable parameter reached differentiable (see the module docstring)."""
-        if not (module.training and torch.is_grad_enabled() and self._trainable):
+        if not (module.training and torch.is_grad_enabled() and self._trainable) or module is not self._owner():
             return None
         key = "loss" if torch.is_tensor(getattr(output, "loss", None)) else "logits"
         value = getattr(output, key, None)
@@ -220,3 +223,22 @@ class BackwardTruncation:
             self._anchor = torch.zeros((), device=value.device, requires_grad=True)
         setattr(output, key, _TieToAnchor.apply(value, self._anchor))
         return output
+
+
+class _CutThenCheckpoint:
+    """A layer's checkpoint function that makes the backward cut on the layer's input first (see
+    `BackwardTruncation._wrap_checkpoint_funcs`). It holds its layer twice: strongly, which `copy.deepcopy` of
+    the model maps to the copied layer, and weakly, which a deep copy keeps pointing at the original; in a
+    copy the two differ and it only checkpoints."""
+
+    def __init__(self, truncation: BackwardTruncation, path: str, index: int, layer: nn.Module, checkpoint):
+        self.truncation, self.path, self.index, self._badam_checkpoint = truncation, path, index, checkpoint
+        self.layer, self.original = layer, weakref.ref(layer)
+
+    def __call__(self, function, *args, **kwargs):
+        t = self.truncation
+        if (self.index == t.cuts.get(self.path) and self.layer is self.original() and torch.is_grad_enabled()
+                and args and torch.is_tensor(args[0])):
+            args = (t._cut(self.layer, args[0]), *args[1:])
+        return self._badam_checkpoint(function, *args, **kwargs)
+
