@@ -46,10 +46,12 @@ def test_tiny_mode_writes_the_json(tmp_path):
         assert s["measured_bytes"] == s["predicted_bytes"] > 0, s
     first, later, save = ss["steps"]
     assert save["predicted_phase"] == "checkpoint save"
-    # With the chunked loss (BAdam's default) the later step's peak is in backward, no longer at the loss.
-    # The later step ends the block (K=2): the default stochastic rounding's temporaries (int32, one pass of at
-    # most 2**14 entries, and the noise tables) stay below the backward's activations even at this tiny shape.
-    assert first["predicted_phase"] == "step: inner AdamW" and later["predicted_phase"] == "backward"
+    # With the chunked loss (BAdam's default) the later step's peak is no longer at the loss. The later step ends
+    # the block (K=2): its peak is in the backward, or at this tiny shape in the write-back, where the default
+    # stochastic rounding holds the noise tables of the whole block (about 16 KB a tensor, whatever its size)
+    # beside one pass's int32 buffer; predicted equals measured either way (above).
+    assert first["predicted_phase"] == "step: inner AdamW"
+    assert later["predicted_phase"] in ("backward", "step: write back")
     for mem in (b["memory"], lora["memory"]):
         assert mem["predicted_max_allocated_gb"] > 0
     assert "predicted" in r.stdout and "later step (K=2)" in r.stdout
