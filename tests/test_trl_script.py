@@ -14,6 +14,15 @@ from trl_local import changed, run_script, save_model, step_logs, task, under, w
 pytestmark = pytest.mark.integration
 
 
+def run_badam(script: str, model_dir, data_dir, out, args: list[str], tmp_path, cwd=None):
+    """`run_script` of TRL's `script` on the saved model and jsonl data, into `out`, with `--optim badam` (K=2,
+    ascending) and the script's own further `args`."""
+    return run_script(script, [
+        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
+        "--optim", "badam", "--optim_args", "switch_every=2,switch_mode=ascending", *args,
+    ], tmp_path, cwd=cwd)
+
+
 def _messages(n: int = 24) -> list[dict]:
     rows = []
     for i in range(n):
@@ -30,9 +39,7 @@ def test_trl_sft_script_trains_only_the_scheduled_blocks(tmp_path, tiny_llama):
     init = save_model(tiny_llama(), model_dir)
     data_dir = write_jsonl(tmp_path / "data", _messages())
 
-    run_script("sft", [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
-        "--optim", "badam", "--optim_args", "switch_every=2,switch_mode=ascending",
+    run_badam("sft", model_dir, data_dir, out, [
         "--max_steps", "6", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--max_length", "32",
         # One checkpoint at the last step: its trainer_state.json carries the per-step log history.
         "--save_strategy", "steps", "--save_steps", "6",
@@ -63,9 +70,7 @@ def test_trl_reward_script_trains_the_blocks_and_the_new_score_head(tmp_path, ti
     init = save_model(tiny_llama(), model_dir)
     data_dir = write_jsonl(tmp_path / "data", _preferences())
 
-    run_script("reward", [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
-        "--optim", "badam", "--optim_args", "switch_every=2,switch_mode=ascending",
+    run_badam("reward", model_dir, data_dir, out, [
         "--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--max_length", "32",
         "--save_strategy", "steps", "--save_steps", "1",  # a checkpoint after every step
     ], tmp_path)
@@ -108,9 +113,7 @@ def test_trl_kto_script_trains_only_the_scheduled_blocks(tmp_path, tiny_llama):
         rows.append({"prompt": request, "completion": " ".join(answer[::-1] + ["zero"]), "label": False})
     data_dir = write_jsonl(tmp_path / "data", rows)
 
-    run_script("kto", [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
-        "--optim", "badam", "--optim_args", "switch_every=2,switch_mode=ascending",
+    run_badam("kto", model_dir, data_dir, out, [
         "--max_steps", "4", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--max_length", "32",
         "--save_strategy", "steps", "--save_steps", "4",
     ], tmp_path)
@@ -149,10 +152,8 @@ def test_trl_online_rl_scripts_switch_blocks_between_generations(
     data_dir = write_jsonl(tmp_path / "data", [{"prompt": task(i)[0]} for i in range(16)])
     (tmp_path / "toy_rewards.py").write_text(TOY_REWARDS)
 
-    run_script(script, [
-        "--model_name_or_path", str(model_dir), "--dataset_name", str(data_dir), "--output_dir", str(out),
+    run_badam(script, model_dir, data_dir, out, [
         "--reward_funcs", "toy_rewards.toy_reward",
-        "--optim", "badam", "--optim_args", "switch_every=2,switch_mode=ascending",
         "--max_steps", "6", "--per_device_train_batch_size", "2", "--num_generations", "2",
         "--max_completion_length", "6", "--learning_rate", "1e-3",
         "--save_strategy", "steps", "--save_steps", "6", *batch_reuse,
